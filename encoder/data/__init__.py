@@ -1,0 +1,1 @@
+"""Training data: built-in synthetic scenes, webdataset shards, image folders; transforms; the resumable loader."""

@@ -1,0 +1,107 @@
+"""The resumable training loader.
+
+The sample order is a pure function of (seed, position): epoch e visits `permutation(seed, e)` of the
+source, and a checkpoint stores only the position (samples consumed). Augmentation draws from a numpy
+Generator seeded by (seed, epoch, index), so worker count and restarts never change a batch.
+
+A batch is {"pixels": [B, 3, S, S], "tokens": [B, T], "captions", "alts", "sentences": list[str],
+"seen": int, "bad": {reason: count}}. Unusable samples are dropped from the batch and counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from encoder.data.sources import BadSample
+from encoder.data.transforms import train_transform
+from encoder.tokenizer import get_tokenizer
+
+
+class DataError(RuntimeError):
+    """Too much of the data is unusable; the message says how much and where to look."""
+
+
+class ResumableBatchSampler(Sampler):
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
+        if n == 0:
+            raise DataError("the data source is empty: no usable samples were found")
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+
+    def keys(self, position: int, count: int) -> list[tuple[int, int]]:
+        out = []
+        while count:
+            epoch, offset = divmod(position, self.n)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            take = min(count, self.n - offset)
+            out += [(epoch, int(i)) for i in perm[offset: offset + take]]
+            position, count = position + take, count - take
+        return out
+
+    def __iter__(self):
+        position = self.start
+        while True:
+            yield self.keys(position, self.batch_size)
+            position += self.batch_size
+
+    def __len__(self) -> int:  # endless; the trainer counts steps
+        return 2**62
+
+
+def random_sentence(caption: str, rng: np.random.Generator) -> str:
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?;])\s+", caption) if s.strip()]
+    return sentences[int(rng.integers(len(sentences)))] if sentences else caption
+
+
+class CaptionDataset(Dataset):
+    def __init__(self, source, image_size: int, seed: int, crop_min_scale: float = 0.4):
+        self.source, self.image_size, self.seed, self.crop_min_scale = source, image_size, seed, crop_min_scale
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index, 1])
+        try:
+            sample = self.source.read(index)
+        except BadSample as err:
+            return {"bad": str(err)}
+        pixels = train_transform(sample["image"], self.image_size, rng, (self.crop_min_scale, 1.0))
+        return {"pixels": pixels, "caption": sample["caption"], "alt": sample["alt"],
+                "sentence": random_sentence(sample["caption"], rng)}
+
+
+class Collate:
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+
+    def __call__(self, items: list[dict]) -> dict:
+        good = [it for it in items if "bad" not in it]
+        bad = collections.Counter(it["bad"] for it in items if "bad" in it)
+        batch = {"seen": len(items), "bad": dict(bad)}
+        if good:
+            captions = [it["caption"] for it in good]
+            batch.update(
+                pixels=torch.stack([it["pixels"] for it in good]),
+                tokens=get_tokenizer()(captions, self.max_len),
+                captions=captions,
+                alts=[it["alt"] for it in good],
+                sentences=[it["sentence"] for it in good],
+            )
+        return batch
+
+
+def make_loader(source, image_size: int, batch_size: int, seed: int, start: int, max_len: int, workers: int,
+                crop_min_scale: float = 0.4) -> DataLoader:
+    dataset = CaptionDataset(source, image_size, seed, crop_min_scale)
+    sampler = ResumableBatchSampler(len(source), batch_size, seed, start)
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=Collate(max_len), num_workers=workers,
+        # a private generator: creating the iterator must not consume the global torch RNG (exact resume)
+        generator=torch.Generator(), persistent_workers=False, prefetch_factor=4 if workers else None,
+    )

@@ -1,0 +1,193 @@
+"""Random-access sample sources: `len(source)` and `source.read(i) -> {"image": PIL.Image, "caption", "alt"}`.
+
+- SynthSource: built-in scenes generated on the fly from (seed, index).
+- ShardSource: webdataset tar shards (`jpg|jpeg|png|webp` + `txt|json`), indexed once so that any sample
+  can be read by position (exact resume, per-rank shard split). An unreadable shard is skipped and counted.
+- FolderSource: an image folder with a JSONL / CSV / parquet captions file (columns `image` or `file`,
+  `caption` or `text`, optional `alt`).
+`read` raises `BadSample` for a corrupt image or an empty caption; the loader counts and skips those.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+
+from PIL import Image
+
+from encoder.data.synth import KINDS, make_scene
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTS = ("txt", "json")
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; str(err) is the reason counted in the metrics."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except Exception as err:  # PIL raises many types for broken files
+        raise BadSample("corrupt_image") from err
+
+
+def parse_text(data: bytes | str, ext: str) -> tuple[str, str]:
+    """(caption, alt) from a `.txt` or `.json` payload."""
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    if ext == "json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BadSample("bad_json") from err
+        caption = obj.get("caption") or obj.get("text") or obj.get("txt") or ""
+        return str(caption).strip(), str(obj.get("alt") or "").strip()
+    return text.strip(), ""
+
+
+def _checked(image: Image.Image, caption: str, alt: str) -> dict:
+    if not caption:
+        raise BadSample("empty_caption")
+    return {"image": image, "caption": caption, "alt": alt or caption.split(".")[0]}
+
+
+class SynthSource:
+    def __init__(self, seed: int = 0, n: int = 50_000, size: int = 64, kinds: tuple[str, ...] = KINDS,
+                 indices: range | None = None):
+        self.seed, self.size, self.kinds = seed, size, tuple(kinds)
+        self.indices = indices if indices is not None else range(n)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, i: int) -> dict:
+        scene = make_scene(self.seed, self.indices[i], self.size, self.kinds)
+        return _checked(scene.image, scene.caption, scene.alt)
+
+    def split(self, rank: int, world: int) -> "SynthSource":
+        return SynthSource(self.seed, size=self.size, kinds=self.kinds, indices=self.indices[rank::world])
+
+
+@dataclass
+class _Entry:
+    path: str
+    image: tuple[str, int, int] | None = None  # (ext, offset, size)
+    text: tuple[str, int, int] | None = None
+
+
+def expand_shards(spec: str) -> list[str]:
+    """A directory (all *.tar in it), a glob, or a comma-separated list -> sorted shard paths."""
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    else:
+        paths = sorted(p for part in spec.split(",") for p in glob.glob(part))
+    if not paths:
+        raise FileNotFoundError(f"no webdataset shards found at {spec!r}")
+    return paths
+
+
+class ShardSource:
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self.bad_shards: list[str] = []
+        self.entries: list[_Entry] = []
+        for path in self.paths:
+            self._index(path)
+
+    def _index(self, path: str) -> None:
+        samples: dict[str, _Entry] = {}
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    dirname, base = os.path.split(member.name)
+                    stem, _, ext = base.partition(".")
+                    ext = ext.lower()
+                    entry = samples.setdefault(os.path.join(dirname, stem), _Entry(path))
+                    if ext in IMAGE_EXTS:
+                        entry.image = (ext, member.offset_data, member.size)
+                    elif ext in TEXT_EXTS and (entry.text is None or ext == "json"):
+                        entry.text = (ext, member.offset_data, member.size)
+        except (tarfile.TarError, OSError) as err:
+            log.warning("skipping unreadable shard %s (%s)", path, err)
+            self.bad_shards.append(path)
+            if not samples:
+                return
+        self.entries.extend(samples.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def read(self, i: int) -> dict:
+        entry = self.entries[i]
+        if entry.image is None:
+            raise BadSample("missing_image")
+        if entry.text is None:
+            raise BadSample("empty_caption")
+        with open(entry.path, "rb") as f:
+            f.seek(entry.image[1])
+            image_bytes = f.read(entry.image[2])
+            f.seek(entry.text[1])
+            text_bytes = f.read(entry.text[2])
+        caption, alt = parse_text(text_bytes, entry.text[0])
+        if not caption:
+            raise BadSample("empty_caption")
+        return _checked(decode_image(image_bytes), caption, alt)
+
+    def split(self, rank: int, world: int) -> "ShardSource":
+        if len(self.paths) < world:
+            raise ValueError(f"{len(self.paths)} shards cannot feed {world} processes: write more shards")
+        return ShardSource(self.paths[rank::world])
+
+
+class FolderSource:
+    def __init__(self, root: str, captions: str, rows: list[dict] | None = None):
+        self.root, self.captions = root, captions
+        self.rows = rows if rows is not None else self._load_rows(captions)
+
+    @staticmethod
+    def _load_rows(path: str) -> list[dict]:
+        if path.endswith((".jsonl", ".json")):
+            with open(path) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, keep_default_na=False)
+        return frame.to_dict("records")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, i: int) -> dict:
+        row = self.rows[i]
+        name = row.get("image") or row.get("file") or ""
+        try:
+            with open(os.path.join(self.root, str(name)), "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise BadSample("missing_image") from err
+        caption = str(row.get("caption") or row.get("text") or "").strip()
+        return _checked(decode_image(data), caption, str(row.get("alt") or "").strip())
+
+    def split(self, rank: int, world: int) -> "FolderSource":
+        return FolderSource(self.root, self.captions, self.rows[rank::world])
+
+
+def open_source(data_cfg, render_size: int = 64):
+    """The source named by a `DataConfig` (not yet split across ranks)."""
+    spec = data_cfg.source
+    if spec == "synth":
+        kinds = tuple(k.strip() for k in data_cfg.kinds.split(",") if k.strip())
+        return SynthSource(data_cfg.synth_seed, data_cfg.synth_size, render_size, kinds)
+    if data_cfg.captions:
+        return FolderSource(spec, data_cfg.captions)
+    return ShardSource(expand_shards(spec))

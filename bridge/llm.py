@@ -50,10 +50,16 @@ def smollm2_folder() -> Path:
 
     gguf_dir = smollm2_gguf_dir()
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the weights are de-quantized float32 now
-    model.config._name_or_path = "SmolLM2-135M-Instruct"
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are de-quantized float32 already; rebuild a plain model so that it saves as safetensors.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = "SmolLM2-135M-Instruct"
+    config = type(gguf_model.config).from_dict(config_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
+    model.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-smollm2-"))
     model.save_pretrained(tmp)
@@ -87,8 +93,14 @@ def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32):
 
 
 def load_tokenizer(name_or_path: str):
+    """The LLM's tokenizer; for SmolLM2 read straight from the GGUF file when no converted copy is cached yet."""
     from transformers import AutoTokenizer
 
+    if name_or_path.lower() in ALIASES:
+        cached = cache_root() / "llm" / "smollm2-135m-instruct"
+        if (cached / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(cached)
+        return AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
     return AutoTokenizer.from_pretrained(resolve_llm(name_or_path))
 
 

@@ -68,6 +68,7 @@ class DataConfig:
     synth_seed: int = 0  # the held-out synthetic streams use other seeds
     synth_size: int = 50_000  # distinct synthetic scenes in one epoch
     kinds: str = "shapes,text,chart"
+    synth_max_groups: int = 3  # object groups per shapes scene (1 = single-object scenes)
     fashion_mnist: float = 0.0  # fraction of Fashion-MNIST train images mixed in (needs dataset-fashion-mnist)
     crop_min_scale: float = 0.4  # random resized crop scale range is (crop_min_scale, 1)
     max_bad_fraction: float = 0.05  # stop when more than this fraction of samples read so far was unusable

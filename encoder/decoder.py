@@ -48,14 +48,17 @@ class PrefixDecoder(nn.Module):
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
 
-    def forward(self, prefix: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """prefix [B, K, Dd], text [B, T, Dd] (embedded tokens or queries) -> hidden [B, T, Dd]."""
+    def forward(self, prefix: torch.Tensor, text: torch.Tensor, return_prefix: bool = False) -> torch.Tensor:
+        """prefix [B, K, Dd], text [B, T, Dd] (embedded tokens or queries) -> hidden [B, T, Dd].
+
+        With `return_prefix` the prefix positions are returned too: [B, K + T, Dd].
+        """
         K = prefix.shape[1]
         x = torch.cat([prefix, text.to(prefix.dtype)], dim=1)
         mask = prefix_lm_mask(K, x.shape[1], causal_prefix=self.cfg.mask == "causal", device=x.device)
         for block in self.blocks:
             x = block(x, mask)
-        return self.norm(x[:, K:])
+        return self.norm(x if return_prefix else x[:, K:])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)

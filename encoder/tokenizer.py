@@ -40,12 +40,13 @@ class Tokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids[: max_len - 2]
         return [BOS, *ids, EOS]
 
-    def __call__(self, texts: list[str], max_len: int | None = None) -> torch.Tensor:
-        """[B, max_len] int64, padded with PAD."""
+    def __call__(self, texts: list[str], max_len: int | None = None, pad_to_max: bool = False) -> torch.Tensor:
+        """[B, L] int64 padded with PAD; L is the longest caption (or `max_len` with `pad_to_max`)."""
         max_len = max_len or self.max_len
-        out = torch.full((len(texts), max_len), PAD, dtype=torch.long)
-        for i, text in enumerate(texts):
-            ids = self.encode(text, max_len)
+        encoded = [self.encode(text, max_len) for text in texts]
+        length = max_len if pad_to_max else max(map(len, encoded))
+        out = torch.full((len(texts), length), PAD, dtype=torch.long)
+        for i, ids in enumerate(encoded):
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 

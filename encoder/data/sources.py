@@ -61,19 +61,20 @@ def _checked(image: Image.Image, caption: str, alt: str) -> dict:
 
 class SynthSource:
     def __init__(self, seed: int = 0, n: int = 50_000, size: int = 64, kinds: tuple[str, ...] = KINDS,
-                 indices: range | None = None):
-        self.seed, self.size, self.kinds = seed, size, tuple(kinds)
+                 max_groups: int = 3, indices: range | None = None):
+        self.seed, self.size, self.kinds, self.max_groups = seed, size, tuple(kinds), max_groups
         self.indices = indices if indices is not None else range(n)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def read(self, i: int) -> dict:
-        scene = make_scene(self.seed, self.indices[i], self.size, self.kinds)
+        scene = make_scene(self.seed, self.indices[i], self.size, self.kinds, self.max_groups)
         return _checked(scene.image, scene.caption, scene.alt)
 
     def split(self, rank: int, world: int) -> "SynthSource":
-        return SynthSource(self.seed, size=self.size, kinds=self.kinds, indices=self.indices[rank::world])
+        return SynthSource(self.seed, size=self.size, kinds=self.kinds, max_groups=self.max_groups,
+                           indices=self.indices[rank::world])
 
 
 @dataclass
@@ -187,7 +188,7 @@ def open_source(data_cfg, render_size: int = 64):
     spec = data_cfg.source
     if spec == "synth":
         kinds = tuple(k.strip() for k in data_cfg.kinds.split(",") if k.strip())
-        return SynthSource(data_cfg.synth_seed, data_cfg.synth_size, render_size, kinds)
+        return SynthSource(data_cfg.synth_seed, data_cfg.synth_size, render_size, kinds, data_cfg.synth_max_groups)
     if data_cfg.captions:
         return FolderSource(spec, data_cfg.captions)
     return ShardSource(expand_shards(spec))

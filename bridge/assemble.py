@@ -1,0 +1,83 @@
+"""LLaVA-1.5 assembly: vision tower -> 2-layer GELU MLP projector (`mlp2x_gelu`) -> causal LM, as a standard
+`transformers.LlavaForConditionalGeneration`, plus the matching `LlavaProcessor`.
+
+Shapes: pixels [B,3,H,W] -> tower hidden_states[feature_layer] [B,1+N,Dv] -> drop cls (strategy "default"; SigLIP
+towers have none, "full") -> projector [B,N,Dt] -> replaces the N `<image>` tokens of the prompt -> LM.
+
+The tokenizer gains one special token, `<image>`; the LM's embedding table grows to hold it (new rows are the mean
+of the old ones, the transformers default). Nothing here knows which tower it holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bridge.processor import IMAGE_TOKEN, add_image_token, make_processor
+
+
+def assemble(tower, llm: nn.Module, tokenizer, *, pad_to_multiple_of: int = 64, seed: int = 0):
+    """-> (LlavaForConditionalGeneration, LlavaProcessor); the model shares the tower's and LLM's modules."""
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    image_token_id = add_image_token(tokenizer)
+    if llm.get_input_embeddings().weight.shape[0] <= image_token_id:
+        llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
+    vision = tower.hf_model()
+    text_config = llm.config
+    text_config.pad_token_id = tokenizer.pad_token_id
+    text_config.eos_token_id = tokenizer.eos_token_id
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=tower.num_patches,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=tower.strategy,
+        vision_feature_layer=tower.feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    torch.manual_seed(seed)
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config)
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise RuntimeError(f"assembly left tensors on the meta device: {meta[:5]}")
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=64,
+    )
+    model.eval()
+    processor = make_processor(tokenizer, tower.image_processor, tower.patch_size, tower.strategy, tower.has_cls)
+    if processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != image_token_id:
+        raise RuntimeError("processor and model disagree on the <image> token id")
+    return model, processor
+
+
+def trainable_groups(model, *, stage: int, unfreeze_vision: bool = False) -> dict[str, list[nn.Parameter]]:
+    """Freeze per LLaVA-1.5: stage 1 trains the projector; stage 2 the projector and LLM (+ tower if asked)."""
+    inner = model.model
+    groups = {"projector": list(inner.multi_modal_projector.parameters())}
+    if stage == 2:
+        groups["llm"] = list(inner.language_model.parameters())
+        if model.lm_head.weight is not inner.language_model.get_input_embeddings().weight:
+            groups["llm"] += list(model.lm_head.parameters())
+    elif stage != 1:
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    if unfreeze_vision:
+        groups["vision"] = list(inner.vision_tower.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for params in groups.values():
+        for p in params:
+            p.requires_grad_(True)
+    return groups

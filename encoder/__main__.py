@@ -1,0 +1,3 @@
+from encoder.cli import main
+
+raise SystemExit(main())

@@ -104,8 +104,12 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(resolve_llm(name_or_path))
 
 
-def tiny_llama(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
-    """A random LlamaForCausalLM with the tokenizer's vocabulary, for fast CPU tests."""
+def tiny_llama(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
+               init_std: float = 0.02):
+    """A random LlamaForCausalLM with the tokenizer's vocabulary, for fast CPU tests.
+
+    init_std ~0.3 gives varied (non-repeating) greedy generations, useful when comparing two implementations.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -120,6 +124,7 @@ def tiny_llama(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg)

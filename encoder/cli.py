@@ -76,7 +76,21 @@ def data_main(argv: list[str]) -> int:
     synth.add_argument("--size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--kinds", default="shapes,text,chart", help="comma-separated scene kinds")
     synth.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    samples = sub.add_parser("samples", help="write a few built-in scenes as PNG files (held-out seed by default)")
+    samples.add_argument("--n", type=int, default=4)
+    samples.add_argument("--out", required=True)
+    samples.add_argument("--seed", type=int, default=999)
+    samples.add_argument("--size", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.cmd == "samples":
+        from encoder.data.synth import make_scene
+
+        os.makedirs(args.out, exist_ok=True)
+        for i in range(args.n):
+            scene = make_scene(args.seed, i, args.size)
+            scene.image.save(os.path.join(args.out, f"scene_{i:03d}.png"))
+            print(f"scene_{i:03d}.png\t{scene.caption}")
+        return 0
     from encoder.data.shards import write_synth_shards
 
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())

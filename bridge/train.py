@@ -157,7 +157,7 @@ def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, 
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                     out = loss_fn(model, batch)
                 (out["lm_loss"] / cfg.grad_accum).backward()
-                total += float(out["lm_loss"]) / cfg.grad_accum
+                total += float(out["lm_loss"].detach()) / cfg.grad_accum
                 tokens += int(out["tokens"])
             opt.step()
             last = {"stage": cfg.stage, "step": step + 1, "loss": total, "lr": cfg.lr * factor, "tokens": tokens,

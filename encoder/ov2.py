@@ -42,6 +42,7 @@ class OpenVision2(nn.Module):
     def __init__(self, vit: ViTConfig, decoder: DecoderConfig, keep_ratio: float = 0.35, keep_at_eval: bool = False):
         super().__init__()
         self.vit = ViT(vit)
+        self.vit.norm.requires_grad_(False)  # OpenVision 2 never uses the final LN; it stays identity for export
         self.decoder = PrefixDecoder(decoder)
         self.projector = nn.Linear(vit.width, decoder.width, bias=False)
         nn.init.xavier_uniform_(self.projector.weight)

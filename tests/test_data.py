@@ -1,0 +1,129 @@
+"""Data: deterministic scenes, shard/folder readers, transforms, corrupt inputs skipped and counted."""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from encoder.data.loader import Collate, CaptionDataset, ResumableBatchSampler
+from encoder.data.shards import write_synth_shards
+from encoder.data.sources import FolderSource, ShardSource, SynthSource, expand_shards
+from encoder.data.synth import COLOURS, SHAPES, make_scene
+from encoder.data.transforms import eval_transform, train_transform
+
+
+def test_scenes_are_deterministic_and_captioned():
+    a, b = make_scene(3, 17, 64), make_scene(3, 17, 64)
+    assert a.caption == b.caption and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert make_scene(4, 17, 64).caption != a.caption or make_scene(4, 18, 64).caption != a.caption
+    kinds = {make_scene(0, i).kind for i in range(60)}
+    assert kinds == {"shapes", "text", "chart"}
+    scene = make_scene(0, 0, 64, kinds=("shapes",), max_groups=1)
+    obj = scene.objects[0]
+    assert obj["colour"] in COLOURS and obj["shape"] in SHAPES
+    assert obj["colour"] in scene.caption and obj["shape"] in scene.caption and obj["colour"] in scene.alt
+    # the drawn object has the caption's colour
+    pixels = np.asarray(scene.image).reshape(-1, 3)
+    assert (np.abs(pixels - np.asarray(COLOURS[obj["colour"]])).sum(1) < 10).sum() > 5
+
+
+def test_transforms_shapes_and_determinism():
+    image = make_scene(0, 1, 64).image
+    x = train_transform(image, 32, np.random.default_rng(0))
+    y = train_transform(image, 32, np.random.default_rng(0))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and torch.equal(x, y)
+    assert eval_transform(48)(image).shape == (3, 48, 48)
+
+
+def _png(color=(200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_inputs_are_skipped_and_counted(tmp_path):
+    good = tmp_path / "shard-000000.tar"
+    with tarfile.open(good, "w") as tar:
+        for i in range(6):
+            _add(tar, f"s{i}.png", _png())
+            _add(tar, f"s{i}.json", json.dumps({"caption": f"a red square number {i}.", "alt": "red"}).encode())
+        _add(tar, "broken.png", b"\x89PNG\r\n\x1a\n not really a png")
+        _add(tar, "broken.txt", b"a caption for a broken image")
+        _add(tar, "silent.png", _png())
+        _add(tar, "silent.txt", b"   ")
+    (tmp_path / "shard-000001.tar").write_bytes(b"this is not a tar archive at all" * 40)
+    source = ShardSource(expand_shards(str(tmp_path)))
+    assert source.bad_shards == [str(tmp_path / "shard-000001.tar")]
+    assert len(source) == 8
+    dataset = CaptionDataset(source, 16, seed=0)
+    batch = Collate(32)([dataset[(0, i)] for i in range(len(source))])
+    assert batch["seen"] == 8 and batch["pixels"].shape == (6, 3, 16, 16)
+    assert batch["bad"] == {"corrupt_image": 1, "empty_caption": 1}
+
+
+def test_too_many_bad_samples_stop_with_a_clear_message(cli, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "shard-000000.tar", "w") as tar:
+        for i in range(80):
+            _add(tar, f"s{i}.png", _png() if i % 3 else b"garbage")
+            _add(tar, f"s{i}.txt", b"a red square")
+    from tests.conftest import TINY
+
+    result = cli("train", "--preset", "ov2-tiny", "--out", str(tmp_path / "run"), f"--data.source={shards}",
+                 "--max_bad_fraction=0.1", "--stages.0.steps=20", "--stages.1.steps=1", *TINY, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "unusable" in result.stderr and "corrupt_image" in result.stderr and "max_bad_fraction=0.1" in result.stderr
+
+
+def test_synth_shards_round_trip(tmp_path):
+    paths = write_synth_shards(str(tmp_path), 25, seed=5, size=32, per_shard=10)
+    assert len(paths) == 3
+    source = ShardSource(paths)
+    assert len(source) == 25
+    sample = source.read(3)
+    assert sample["caption"] == make_scene(5, 3, 32).caption and sample["image"].size == (32, 32)
+    halves = [source.split(r, 2) for r in range(2)]
+    assert len(halves[0]) + len(halves[1]) == 25 and set(halves[0].paths).isdisjoint(halves[1].paths)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_image_folder_with_captions_file(tmp_path, fmt):
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (20, 20), (0, 0, 200)).save(tmp_path / f"img{i}.jpg")
+        rows.append({"image": f"img{i}.jpg", "caption": f"a blue square {i}", "alt": "blue"})
+    rows.append({"image": "missing.jpg", "caption": "gone", "alt": ""})
+    path = tmp_path / f"captions.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif fmt == "csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    source = FolderSource(str(tmp_path), str(path))
+    assert len(source) == 5 and source.read(2)["caption"] == "a blue square 2"
+    batch = Collate(16)([CaptionDataset(source, 16, 0)[(0, i)] for i in range(5)])
+    assert batch["pixels"].shape[0] == 4 and batch["bad"] == {"missing_image": 1}
+
+
+def test_sampler_is_a_pure_function_of_position():
+    sampler = ResumableBatchSampler(10, 4, seed=1)
+    first = [b for _, b in zip(range(5), iter(sampler))]
+    resumed = ResumableBatchSampler(10, 4, seed=1, start=8)
+    assert next(iter(resumed)) == first[2]
+    epoch0 = sorted(i for batch in first[:2] for _, i in batch) + sorted(i for _, i in first[2][:2])
+    assert sorted(epoch0) == list(range(10))  # one epoch visits every sample once
+    assert len(SynthSource(0, 100).split(1, 4)) == 25

@@ -1,0 +1,275 @@
+"""Linear cross-entropy (encoder/kernels) against an fp64 eager oracle, on CPU.
+
+- torch path (chunked): every option x reduction x bias, odd and multi-chunk shapes, fp32/bf16/fp16 inputs,
+  all-ignored targets, per-token upstream gradients, micro-batch accumulation, no N x V tensor ever allocated.
+- Triton kernels under TRITON_INTERPRET=1: one child process (`python tests/test_kernels.py --interpret`, the env
+  var set before triton is imported) runs every case in INTERPRET_CASES and reports relative errors as JSON.
+Errors are max |got - want| / max |want| per tensor (loss, dH, dW, dbias), with inputs rounded to the tested
+dtype before the oracle sees them; tolerances per dtype are in TOL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from encoder.kernels import chunked, linear_cross_entropy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+OPTIONS = {
+    "plain": {},
+    "smooth": {"label_smoothing": 0.1},
+    "zloss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 2.0},
+    "all": {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0},
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def make(n, d, v, dtype, *, bias=True, ignore_every=5, seed=0, lead=()):
+    """Inputs already rounded to `dtype` (so the fp64 oracle sees the same numbers)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(v, d, generator=gen, dtype=torch.float64) / d**0.25).to(dtype)
+    b = torch.randn(v, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    target = torch.randint(0, v, (*lead, n), generator=gen)
+    if ignore_every:
+        target.view(-1)[::ignore_every] = -100
+    return hidden, weight, b, target
+
+
+def loss_and_grads(impl, hidden, weight, bias, target, reduction, upstream, dtype=None, **options):
+    """Loss and (dH, dW, dbias) in fp64, computing in `dtype` (default: the inputs' own)."""
+    leaves = [t.to(dtype or t.dtype).detach().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    loss = linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], reduction=reduction, impl=impl, **options)
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None], upstream.to(loss.dtype))
+    for leaf, g in zip([t for t in leaves if t is not None], grads):
+        assert g.dtype == leaf.dtype
+    return [loss.double(), *(g.double() for g in grads)]
+
+
+def rel_errors(got, want):
+    return [((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in zip(got, want)]
+
+
+def upstream_for(reduction, target, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if reduction == "none":
+        return torch.randn(target.shape, generator=gen, dtype=torch.float64)  # not all ones
+    return torch.tensor(1.7, dtype=torch.float64)
+
+
+def compare(impl, shape, dtype, reduction, options, bias=True, ignore_every=5):
+    hidden, weight, b, target = make(*shape, dtype, bias=bias, ignore_every=ignore_every)
+    g = upstream_for(reduction, target)
+    want = loss_and_grads("eager", hidden, weight, b, target, reduction, g, dtype=torch.float64, **options)
+    got = loss_and_grads(impl, hidden, weight, b, target, reduction, g, **options)
+    return rel_errors(got, want)
+
+
+# ---------------------------------------------------------------------------------------------- the oracle itself
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_eager_is_f_cross_entropy(reduction, smoothing):
+    hidden, weight, b, target = make(64, 16, 37, torch.float64)
+    want = F.cross_entropy(hidden @ weight.T + b, target, reduction=reduction, label_smoothing=smoothing)
+    got = linear_cross_entropy(hidden, weight, target, bias=b, reduction=reduction, label_smoothing=smoothing,
+                               impl="eager")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------ torch path
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force many chunks (and a ragged last one) on test-sized inputs."""
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 64 * 4 * 517)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_torch_matches_oracle(option, reduction, bias, small_chunks):
+    errs = compare("torch", (300, 40, 517), torch.float64, reduction, OPTIONS[option], bias=bias)
+    assert max(errs) < TOL[torch.float64], errs
+    errs = compare("torch", (300, 40, 517), torch.float32, reduction, OPTIONS[option], bias=bias)
+    assert max(errs) < TOL[torch.float32], errs
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_torch_half_inputs(dtype, option):
+    errs = compare("torch", (200, 48, 301), DTYPES[dtype], "mean", OPTIONS[option])
+    assert max(errs) < TOL[DTYPES[dtype]], errs
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 11), (47, 31, 123), (2048, 64, 4000)])
+def test_torch_shapes(shape):
+    errs = compare("torch", shape, torch.float32, "mean", OPTIONS["all"], ignore_every=0 if shape[0] == 1 else 5)
+    assert max(errs) < TOL[torch.float32], errs
+
+
+def test_torch_leading_dims_and_no_grad():
+    hidden, weight, b, target = make(9, 16, 50, torch.float32, lead=(3,))
+    want = linear_cross_entropy(hidden, weight, target, bias=b, reduction="none", impl="eager")
+    got = linear_cross_entropy(hidden, weight, target, bias=b, reduction="none", impl="torch")
+    assert got.shape == (3, 9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, target, bias=b, impl="torch")
+    torch.testing.assert_close(got, want.sum() / (target != -100).sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "eager"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_is_zero(impl, reduction):
+    hidden, weight, b, target = make(20, 8, 30, torch.float32)
+    target[:] = -100
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    loss = linear_cross_entropy(*leaves[:2], target, bias=leaves[2], reduction=reduction, impl=impl)
+    loss.sum().backward()
+    assert not loss.isnan().any() and (loss == 0).all()
+    for leaf in leaves:
+        assert leaf.grad is not None and (leaf.grad == 0).all()
+
+
+def test_only_hidden_needs_grad_and_retain_graph():
+    hidden, weight, b, target = make(40, 8, 30, torch.float32)
+    hidden.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, target, bias=b, impl="torch")
+    (g1,) = torch.autograd.grad(loss, hidden, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, hidden)
+    want = torch.autograd.grad(linear_cross_entropy(hidden, weight, target, bias=b, impl="eager"), hidden)[0]
+    torch.testing.assert_close(g1, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g2, g1)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_micro_batch_accumulation_equals_full_batch(reduction):
+    hidden, weight, b, target = make(96, 16, 70, torch.float64)
+    full = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    linear_cross_entropy(full[0], full[1], target, bias=full[2], reduction=reduction, impl="torch").backward()
+    micro = [t.clone().requires_grad_() for t in (weight, b)]
+    hid = hidden.clone().requires_grad_()
+    n_valid = (target != -100).sum()
+    for part in torch.arange(96).split(32):
+        loss = linear_cross_entropy(hid[part], micro[0], target[part], bias=micro[1], reduction=reduction,
+                                    impl="torch")
+        if reduction == "mean":  # re-weight each micro-batch mean by its share of the valid tokens
+            loss = loss * (target[part] != -100).sum() / n_valid
+        loss.backward()
+    for a, c in zip([hid, *micro], full):
+        torch.testing.assert_close(a.grad, c.grad, rtol=1e-12, atol=1e-12)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_never_holds_n_by_v(reduction, small_chunks):
+    n, v = 512, 517
+    hidden, weight, b, target = make(n, 16, v, torch.float32)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    with _LargestTensor() as mode:
+        loss = linear_cross_entropy(*leaves[:2], target, bias=leaves[2], reduction=reduction, impl="torch",
+                                    label_smoothing=0.1, softcap=5.0)
+        loss.sum().backward()
+    assert mode.largest <= chunked.chunk_rows(v, n) * v < n * v // 4
+
+
+def test_argument_errors():
+    hidden, weight, b, target = make(4, 8, 10, torch.float32)
+    bad = [
+        dict(impl="cuda"), dict(reduction="avg"), dict(label_smoothing=1.5), dict(z_loss=-1.0), dict(softcap=0.0),
+        dict(bias=torch.zeros(11)),
+    ]
+    for kwargs in bad:
+        with pytest.raises(ValueError, match="linear_cross_entropy"):
+            linear_cross_entropy(hidden, weight, target, **kwargs)
+    with pytest.raises(ValueError, match="width"):
+        linear_cross_entropy(hidden[:, :7], weight, target)
+    with pytest.raises(ValueError, match="target"):
+        linear_cross_entropy(hidden, weight, target[:3])
+    with pytest.raises(ValueError, match="dtype"):
+        linear_cross_entropy(hidden.double(), weight, target)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        linear_cross_entropy(hidden, weight, torch.full((4,), 10), impl="torch")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="triton"):
+            linear_cross_entropy(hidden, weight, target, impl="triton")
+
+
+# --------------------------------------------------------------------------- Triton kernels under the interpreter
+
+# (name, (N, D, V), dtype, reduction, option, bias, ignore_every); tiles are 16 x 32 x 16 in the interpreter.
+INTERPRET_CASES = [
+    (f"{dt}-{red}-{opt}", (47, 31, 123), dt, red, opt, True, 5)
+    for dt, red, opt in itertools.product(["fp32"], ["mean", "sum", "none"], list(OPTIONS))
+] + [
+    (f"{dt}-{red}-{opt}", (47, 31, 123), dt, red, opt, True, 5)
+    for dt, red, opt in itertools.product(["bf16", "fp16"], ["mean", "none"], ["plain", "all"])
+] + [
+    ("fp32-n1-v50", (1, 16, 50), "fp32", "mean", "all", True, 0),
+    ("fp32-nobias-v64", (33, 20, 64), "fp32", "sum", "all", False, 3),
+    ("bf16-nobias-v77", (20, 16, 77), "bf16", "none", "softcap", False, 4),
+    ("fp32-all-ignored", (21, 16, 40), "fp32", "mean", "all", True, 1),
+]
+
+
+def _interpret_main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before starting this process"
+    out = {}
+    for name, shape, dt, red, opt, bias, ignore_every in INTERPRET_CASES:
+        hidden, weight, b, target = make(*shape, DTYPES[dt], bias=bias, ignore_every=ignore_every)
+        g = upstream_for(red, target)
+        if ignore_every == 1:  # all ignored: the result must be exactly zero, not NaN
+            got = loss_and_grads("triton", hidden, weight, b, target, red, g, **OPTIONS[opt])
+            out[name] = [float(t.detach().abs().max()) for t in got]
+            continue
+        out[name] = compare("triton", shape, DTYPES[dt], red, OPTIONS[opt], bias=bias, ignore_every=ignore_every)
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def interpret_results():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=[c[0] for c in INTERPRET_CASES])
+def test_triton_interpreter_matches_oracle(case, interpret_results):
+    name, _, dt, *_ = case
+    errs = interpret_results[name]
+    if name.endswith("all-ignored"):
+        assert errs == [0.0] * len(errs), errs
+    else:
+        assert all(e < TOL[DTYPES[dt]] for e in errs), (name, errs)
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    _interpret_main()

@@ -1,0 +1,117 @@
+"""Training: the caption loss falls and greedy captions name the right colour and shape; exact resume after
+SIGKILL; the NaN guard stops a diverging run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from encoder.checkpoint import latest_checkpoint, load_model
+from encoder.config import apply_overrides, get_preset
+from encoder.data.synth import COLOURS, SHAPES, make_scene
+from encoder.data.transforms import eval_transform
+from encoder.tokenizer import get_tokenizer
+from encoder.train import train
+from tests.conftest import ROOT, TINY
+
+LEARN = [
+    "--data.kinds=shapes", "--synth_max_groups=1", "--stages.0.steps=150", "--stages.0.warmup_steps=15",
+    "--stages.1.steps=1", "--stages.1.image_size=32", "--log_every=10", "--ckpt_every=1000", "--data.workers=1",
+]
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("learn") / "run")
+    cfg = apply_overrides(get_preset("ov2-tiny"), LEARN)
+    train(cfg, out)
+    return out
+
+
+def test_caption_loss_falls(learned):
+    records = [json.loads(line) for line in open(os.path.join(learned, "metrics.jsonl"))]
+    first, last = records[0]["caption_loss"], records[-1]["caption_loss"]
+    assert last < 0.4 * first, (first, last)
+    assert all(r["skipped"] == 0 for r in records)
+
+
+def test_greedy_captions_name_colour_and_shape(learned):
+    model, cfg = load_model(learned)
+    tokenizer = get_tokenizer()
+    transform = eval_transform(32)
+    scenes = [make_scene(999, i, 64, kinds=("shapes",), max_groups=1) for i in range(64)]  # held-out seed
+    pixels = torch.stack([transform(s.image) for s in scenes])
+    captions = [tokenizer.decode(ids) for ids in model.generate(pixels, 24)]
+
+    def first_word_of(caption, vocab):
+        hits = [(caption.find(w), w) for w in vocab if w in caption.split() or f"{w}s" in caption.split()]
+        return min(hits)[1] if hits else None
+
+    colour_acc = sum(first_word_of(c, COLOURS) == s.objects[0]["colour"] for c, s in zip(captions, scenes)) / 64
+    shape_acc = sum(first_word_of(c, SHAPES) == s.objects[0]["shape"] for c, s in zip(captions, scenes)) / 64
+    print(f"held-out colour accuracy {colour_acc:.2f} (chance {1 / len(COLOURS):.2f}), "
+          f"shape accuracy {shape_acc:.2f} (chance {1 / len(SHAPES):.2f})")
+    assert colour_acc > 0.5 and shape_acc > 0.45, captions[:8]
+
+
+def test_caption_cli(learned, cli, tmp_path):
+    path = tmp_path / "scene.png"
+    make_scene(999, 0, 64, kinds=("shapes",), max_groups=1).image.save(path)
+    result = cli("caption", "--ckpt", learned, str(path), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(path)) and "background" in result.stdout
+
+
+RESUME = ["--preset", "ov2-tiny", *TINY, "--stages.0.steps=12", "--stages.1.steps=8", "--ckpt_every=2",
+          "--log_every=2", "--keep_last=2", "--data.workers=1"]
+
+
+def _final_weights(run: str) -> dict:
+    return load_file(os.path.join(latest_checkpoint(run), "model.safetensors"))
+
+
+def test_exact_resume_after_sigkill(cli, tmp_path):
+    full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
+    result = cli("train", "--out", full, *RESUME)
+    assert result.returncode == 0, result.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "ov2", "train", "--out", broken, *RESUME], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        ckpt = latest_checkpoint(broken)
+        if ckpt and int(ckpt[-7:]) >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest_checkpoint(broken)[-7:])
+    assert killed_at < 20
+    result = cli("train", "--out", broken, "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = _final_weights(full), _final_weights(broken)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    steps = [json.loads(line)["step"] for line in open(os.path.join(broken, "metrics.jsonl"))]
+    assert steps == sorted(set(steps)) and steps[-1] == 20  # no duplicated metric lines after the resume
+
+
+def test_nan_guard_stops_a_diverging_run(cli, tmp_path):
+    result = cli("train", "--out", str(tmp_path / "nan"), "--preset", "ov2-tiny", *TINY, "--stages.0.lr=1e30",
+                 "--stages.0.warmup_steps=0", "--stages.0.steps=40", "--stages.1.steps=1", "--nan_patience=3")
+    assert result.returncode == 1 and "not finite for 3 steps in a row" in result.stderr, result.stderr[-2000:]
+
+
+def test_existing_run_needs_resume(cli, tmp_path):
+    run = str(tmp_path / "run")
+    args = ["--preset", "ov2-tiny", *TINY, "--stages.0.steps=2", "--stages.1.steps=1"]
+    assert cli("train", "--out", run, *args).returncode == 0
+    result = cli("train", "--out", run, *args)
+    assert result.returncode == 2 and "--resume" in result.stderr

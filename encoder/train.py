@@ -77,8 +77,8 @@ def _stage_bounds(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 
 def _model_inputs(batch: dict, device: torch.device) -> dict:
-    keys = ("pixels", "tokens", "alts", "sentences", "captions")
-    return {k: (batch[k].to(device) if torch.is_tensor(batch[k]) else batch[k]) for k in keys if k in batch}
+    """Every batch entry but the counters, tensors moved to the device; models take what they need (**kwargs)."""
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k not in ("seen", "bad")}
 
 
 class Trainer:

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("encoder.cli:data_main", "make or inspect training data (built-in synthetic scenes -> shards)"),
     "train": ("encoder.cli:train_main", "pretrain an encoder from a preset (ov2-*, ov1-*, clip-*)"),
     "caption": ("encoder.cli:caption_main", "greedy captions of images with a trained OpenVision 2 checkpoint"),
-    "eval-encoder": ("encoder.cli:eval_encoder_main", "linear-probe and zero-shot accuracy on Fashion-MNIST"),
+    "eval-encoder": ("encoder.evaluate:main", "linear-probe and zero-shot accuracy on Fashion-MNIST"),
     "export-encoder": ("bridge.cli:export_encoder_main", "write an encoder as a transformers ViTModel/CLIPVisionModel"),
     "bridge": ("bridge.cli:main", "LLaVA-style model: train stage 1/2, export, chat"),
     "bench": ("benchmarks.cli:bench_main", "efficiency and kernel benchmarks"),

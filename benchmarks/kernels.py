@@ -58,7 +58,8 @@ def _loss_fn(method: str, device: str):
             return F.cross_entropy((hc @ w.T).float(), yc, reduction="sum")
 
         def loop(h, w, y):
-            parts = [checkpoint(chunk_sum, hc, w, yc, use_reentrant=False) for hc, yc in zip(h.split(1024), y.split(1024))]
+            chunks = zip(h.split(1024), y.split(1024))
+            parts = [checkpoint(chunk_sum, hc, w, yc, use_reentrant=False) for hc, yc in chunks]
             return torch.stack(parts).sum() / y.numel()
 
         return loop
@@ -107,8 +108,12 @@ def run_one(method: str, n: int, d: int, v: int, dtype: str, repeats: int, devic
         if i:
             times.append(time.perf_counter() - start)
         losses.append(float(loss))
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"method": method, "n": n, "d": d, "v": v, "dtype": dtype, "device": device, "time_s": statistics.median(times),
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method, "n": n, "d": d, "v": v, "dtype": dtype, "device": device,
+            "time_s": statistics.median(times),
             "times_s": times, "peak_bytes": peak, "base_bytes": base_rss if device == "cpu" else None,
             "loss": losses[-1], "threads": torch.get_num_threads()}
 
@@ -118,7 +123,7 @@ def _child(method, n, d, v, args) -> dict:
            "--dtype", args.dtype, "--repeats", str(args.repeats), "--device", args.device]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {"method": method, "n": n, "d": d, "v": v, "skipped": f"timeout after {args.timeout}s"}
     if proc.returncode != 0:

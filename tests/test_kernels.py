@@ -49,7 +49,7 @@ def make(n, d, v, dtype, *, bias=True, ignore_every=5, seed=0, lead=()):
 
 def loss_and_grads(impl, hidden, weight, bias, target, reduction, upstream, dtype=None, **options):
     """Loss and (dH, dW, dbias) in fp64, computing in `dtype` (default: the inputs' own)."""
-    leaves = [t.to(dtype or t.dtype).detach().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    leaves = [None if t is None else t.to(dtype or t.dtype).detach().requires_grad_() for t in (hidden, weight, bias)]
     loss = linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], reduction=reduction, impl=impl, **options)
     grads = torch.autograd.grad(loss, [t for t in leaves if t is not None], upstream.to(loss.dtype))
     for leaf, g in zip([t for t in leaves if t is not None], grads):
@@ -200,10 +200,10 @@ def test_torch_never_holds_n_by_v(reduction, small_chunks):
 
 
 def test_argument_errors():
-    hidden, weight, b, target = make(4, 8, 10, torch.float32)
+    hidden, weight, _, target = make(4, 8, 10, torch.float32)
     bad = [
-        dict(impl="cuda"), dict(reduction="avg"), dict(label_smoothing=1.5), dict(z_loss=-1.0), dict(softcap=0.0),
-        dict(bias=torch.zeros(11)),
+        {"impl": "cuda"}, {"reduction": "avg"}, {"label_smoothing": 1.5}, {"z_loss": -1.0}, {"softcap": 0.0},
+        {"bias": torch.zeros(11)},
     ]
     for kwargs in bad:
         with pytest.raises(ValueError, match="linear_cross_entropy"):
@@ -255,8 +255,8 @@ def _interpret_main() -> None:
 @pytest.fixture(scope="module")
 def interpret_results():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], check=False, capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -149,9 +149,9 @@ def _lce_backward_kernel(H, W, B, T, LSE, GS, DH, DW, DB, N, V, D, stride_h, str
 
 def _flags(hidden: torch.Tensor, opt: LossOptions) -> dict:
     upcast = INTERPRET or hidden.dtype == torch.float32
-    return dict(ignore_index=opt.ignore_index, label_smoothing=opt.label_smoothing, z_loss=opt.z_loss,
-                softcap=opt.softcap or 1.0, HAS_SOFTCAP=opt.softcap is not None, UPCAST=upcast,
-                PRECISION="ieee" if hidden.dtype == torch.float32 or INTERPRET else "tf32")
+    return {"ignore_index": opt.ignore_index, "label_smoothing": opt.label_smoothing, "z_loss": opt.z_loss,
+            "softcap": opt.softcap or 1.0, "HAS_SOFTCAP": opt.softcap is not None, "UPCAST": upcast,
+            "PRECISION": "ieee" if hidden.dtype == torch.float32 or INTERPRET else "tf32"}
 
 
 class TritonLinearCrossEntropy(torch.autograd.Function):
@@ -179,7 +179,7 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         n, d = hidden.shape
         v = weight.shape[0]
-        f32 = dict(dtype=torch.float32, device=hidden.device)
+        f32 = {"dtype": torch.float32, "device": hidden.device}
         dh = torch.zeros(n, d, **f32) if need_dh else None
         dw = torch.zeros(v, d, **f32) if need_dw else None
         db = torch.zeros(v, **f32) if need_db else None

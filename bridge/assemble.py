@@ -21,6 +21,7 @@ def assemble(tower, llm: nn.Module, tokenizer, *, pad_to_multiple_of: int = 64, 
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+    torch.manual_seed(seed)  # the new embedding rows and the projector are random: make them reproducible
     image_token_id = add_image_token(tokenizer)
     if llm.get_input_embeddings().weight.shape[0] <= image_token_id:
         llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
@@ -44,7 +45,6 @@ def assemble(tower, llm: nn.Module, tokenizer, *, pad_to_multiple_of: int = 64, 
     model.model.vision_tower = vision
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
-    torch.manual_seed(seed)
     model.model.multi_modal_projector = LlavaMultiModalProjector(config)
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if meta:

@@ -34,17 +34,17 @@ class VitShape:
 
 def hf_config(shape: VitShape):
     """The transformers config of the target model for a ViT shape."""
-    common = dict(
-        hidden_size=shape.width,
-        num_hidden_layers=shape.depth,
-        num_attention_heads=shape.heads,
-        intermediate_size=shape.mlp_dim,
-        hidden_act=shape.act,
-        layer_norm_eps=shape.ln_eps,
-        image_size=shape.image_size,
-        patch_size=shape.patch_size,
-        num_channels=3,
-    )
+    common = {
+        "hidden_size": shape.width,
+        "num_hidden_layers": shape.depth,
+        "num_attention_heads": shape.heads,
+        "intermediate_size": shape.mlp_dim,
+        "hidden_act": shape.act,
+        "layer_norm_eps": shape.ln_eps,
+        "image_size": shape.image_size,
+        "patch_size": shape.patch_size,
+        "num_channels": 3,
+    }
     if shape.layout == "clip":
         from transformers import CLIPVisionConfig
 
@@ -173,8 +173,9 @@ def openclip_shape(config: dict, sd: dict[str, torch.Tensor]) -> VitShape:
     act_kwargs = v.get("act_kwargs") or {}
     if act_kwargs.get("approximate", "none") != "none":
         raise ValueError("tanh-approximate GELU towers are not supported")
+    image_size = v.get("image_size", 224)
     return VitShape(
-        image_size=int(v.get("image_size", 224)) if not isinstance(v.get("image_size"), list) else int(v["image_size"][0]),
+        image_size=int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size),
         patch_size=int(v.get("patch_size", sd["patch_embed.weight"].shape[-1])),
         width=width,
         depth=depth,

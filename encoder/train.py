@@ -162,8 +162,8 @@ class Trainer:
 
     def _run_stage(self, index: int, stage: StageConfig, start: int, end: int, optimizer, bar) -> dict:
         cfg, state = self.cfg, self.state
-        loader = make_loader(self.source, stage.image_size, stage.batch_size, cfg.seed, state["position"],
-                             cfg.model.decoder.max_len, cfg.data.workers, cfg.data.crop_min_scale)
+        loader = make_loader(self.source, cfg.data, stage.image_size, stage.batch_size, cfg.seed, state["position"],
+                             cfg.model.decoder.max_len)
         it = iter(loader)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
         record: dict = {}

@@ -76,12 +76,15 @@ class ViT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """big_vision-style init: LeCun-normal patch embedding (so pixels are not drowned by the position
+        table at init), Xavier-uniform block matrices, zero biases, cls ~ N(0, 0.02)."""
         nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                nn.init.zeros_(m.bias)
+        fan_in = self.patch_embed.weight[0].numel()
+        nn.init.trunc_normal_(self.patch_embed.weight, std=fan_in**-0.5, a=-2 * fan_in**-0.5, b=2 * fan_in**-0.5)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)  # [B, D, h, w]

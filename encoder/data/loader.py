@@ -58,8 +58,10 @@ def random_sentence(caption: str, rng: np.random.Generator) -> str:
 
 
 class CaptionDataset(Dataset):
-    def __init__(self, source, image_size: int, seed: int, crop_min_scale: float = 0.4):
-        self.source, self.image_size, self.seed, self.crop_min_scale = source, image_size, seed, crop_min_scale
+    def __init__(self, source, image_size: int, seed: int, crop_min_scale: float = 0.4, jitter: float = 0.4,
+                 grayscale_p: float = 0.2):
+        self.source, self.image_size, self.seed = source, image_size, seed
+        self.augment = dict(scale=(crop_min_scale, 1.0), jitter=jitter, grayscale_p=grayscale_p)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -71,7 +73,7 @@ class CaptionDataset(Dataset):
             sample = self.source.read(index)
         except BadSample as err:
             return {"bad": str(err)}
-        pixels = train_transform(sample["image"], self.image_size, rng, (self.crop_min_scale, 1.0))
+        pixels = train_transform(sample["image"], self.image_size, rng, **self.augment)
         return {"pixels": pixels, "caption": sample["caption"], "alt": sample["alt"],
                 "sentence": random_sentence(sample["caption"], rng)}
 
@@ -96,9 +98,11 @@ class Collate:
         return batch
 
 
-def make_loader(source, image_size: int, batch_size: int, seed: int, start: int, max_len: int, workers: int,
-                crop_min_scale: float = 0.4) -> DataLoader:
-    dataset = CaptionDataset(source, image_size, seed, crop_min_scale)
+def make_loader(source, data_cfg, image_size: int, batch_size: int, seed: int, start: int, max_len: int) -> DataLoader:
+    """An endless loader from sample `start` on; `data_cfg` is the run's DataConfig (augmentation, workers)."""
+    dataset = CaptionDataset(source, image_size, seed, data_cfg.crop_min_scale, data_cfg.color_jitter,
+                             data_cfg.grayscale_p)
+    workers = data_cfg.workers
     sampler = ResumableBatchSampler(len(source), batch_size, seed, start)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=Collate(max_len), num_workers=workers,

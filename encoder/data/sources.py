@@ -188,7 +188,13 @@ def open_source(data_cfg, render_size: int = 64):
     spec = data_cfg.source
     if spec == "synth":
         kinds = tuple(k.strip() for k in data_cfg.kinds.split(",") if k.strip())
-        return SynthSource(data_cfg.synth_seed, data_cfg.synth_size, render_size, kinds, data_cfg.synth_max_groups)
-    if data_cfg.captions:
-        return FolderSource(spec, data_cfg.captions)
-    return ShardSource(expand_shards(spec))
+        source = SynthSource(data_cfg.synth_seed, data_cfg.synth_size, render_size, kinds, data_cfg.synth_max_groups)
+    elif data_cfg.captions:
+        source = FolderSource(spec, data_cfg.captions)
+    else:
+        source = ShardSource(expand_shards(spec))
+    if data_cfg.fashion_mnist > 0:  # real images: the Fashion-MNIST train split (never the test split)
+        from encoder.data.fashion_mnist import FashionMNISTSource, MixedSource
+
+        source = MixedSource(source, FashionMNISTSource("train", render_size), data_cfg.fashion_mnist)
+    return source

@@ -53,10 +53,11 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def train_transform(image: Image.Image, size: int, rng: np.random.Generator, scale=(0.4, 1.0)) -> torch.Tensor:
+def train_transform(image: Image.Image, size: int, rng: np.random.Generator, scale=(0.4, 1.0), jitter: float = 0.4,
+                    grayscale_p: float = 0.2) -> torch.Tensor:
     image = random_resized_crop(image.convert("RGB"), size, rng, scale)
-    image = color_jitter(image, rng)
-    if rng.random() < 0.2:
+    image = color_jitter(image, rng, jitter)
+    if rng.random() < grayscale_p:
         image = image.convert("L").convert("RGB")
     return to_tensor(image)
 

@@ -13,9 +13,12 @@ Implementations (`impl`, selected in configs by the `loss_impl` key):
 - "eager":  the plain formula holding N x V logits; the test oracle, see eager.py;
 - "auto":   "triton" for CUDA tensors when Triton imports, "torch" otherwise.
 
+Under torch.autocast the inputs are cast to the autocast dtype first, as F.linear would; otherwise hidden, weight
+and bias must share one dtype. Gradients come back in the input dtype.
+
 Deviations from F.cross_entropy, the same in every impl: the loss is fp32 (fp64 for fp64 inputs) whatever the
 input dtype; reduction="mean" over all-ignored targets gives 0 with zero gradients (F.cross_entropy gives NaN);
-class weights are not supported.
+class weights are not supported. The torch path checks target range (one host sync); Triton does not (no sync).
 """
 
 from __future__ import annotations
@@ -100,6 +103,18 @@ def linear_cross_entropy(
     impl: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` against `target`; see the module docstring."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # as F.linear would: compute in the autocast dtype
+        dt = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    with torch.autocast(device_type, enabled=False):
+        return _linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                                     softcap, impl)
+
+
+def _linear_cross_entropy(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                          impl) -> torch.Tensor:
     _check(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, impl)
     impl = resolve_impl(impl, hidden.device)
     lead = hidden.shape[:-1]

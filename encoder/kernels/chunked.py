@@ -209,6 +209,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return ChunkedLinearCrossEntropy._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         if ctx.fused:  # out of place, so that a retained graph can run backward again
             out = tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads)
             return (*out, None, None, None)

@@ -115,7 +115,7 @@ def run_one(method: str, n: int, d: int, v: int, dtype: str, repeats: int, devic
     return {"method": method, "n": n, "d": d, "v": v, "dtype": dtype, "device": device,
             "time_s": statistics.median(times),
             "times_s": times, "peak_bytes": peak, "base_bytes": base_rss if device == "cpu" else None,
-            "loss": losses[-1], "threads": torch.get_num_threads()}
+            "loss": losses[-1], "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0]}
 
 
 def _child(method, n, d, v, args) -> dict:
@@ -134,23 +134,27 @@ def _child(method, n, d, v, args) -> dict:
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Linear cross-entropy benchmark ({meta['device']}, {meta['dtype']})", "",
-             f"{meta['machine']}; torch {meta['torch']}, {meta['threads']} threads; forward+backward, median of "
-             f"{meta['repeats']} after one warm-up; each method in a fresh process. Peak = "
+             f"{meta['machine']}; torch {meta['torch']}, {meta['threads']} threads; forward+backward, median of the "
+             "timed runs after one warm-up; each method in a fresh process. Peak = "
              + ("max resident set of the process (includes ~0.3-0.5 GB for torch itself and the inputs)."
                 if meta["device"] == "cpu" else "torch.cuda.max_memory_allocated."), "",
-             "| shape | N | method | time (s) | time / eager | peak (GB) | peak / eager | loss |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "Load = the 1-minute load average when the process ended (other jobs on the machine slow every method).",
+             "", "| shape | N | method | time (s) | runs | time / eager | peak (GB) | peak / eager | loss | load |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {m: i for i, m in enumerate(CUDA_METHODS)}
+    rows = sorted(rows, key=lambda r: (-r["v"], r["n"], order.get(r["method"], 99)))
     eager = {(r["d"], r["v"], r["n"]): r for r in rows if r["method"] == "eager" and "skipped" not in r}
     for r in rows:
         shape = next((k for k, s in SHAPES.items() if s == (r["d"], r["v"])), f"D={r['d']} V={r['v']}")
         if "skipped" in r:
-            lines.append(f"| {shape} | {r['n']} | {r['method']} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {shape} | {r['n']} | {r['method']} | {r['skipped']} | | | | | | |")
             continue
         ref = eager.get((r["d"], r["v"], r["n"]))
         t_ratio = f"{r['time_s'] / ref['time_s']:.2f}" if ref else "-"
         m_ratio = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}" if ref else "-"
-        lines.append(f"| {shape} | {r['n']} | {r['method']} | {r['time_s']:.2f} | {t_ratio} | "
-                     f"{r['peak_bytes'] / 1e9:.2f} | {m_ratio} | {r['loss']:.4f} |")
+        load = r.get("load_avg", float("nan"))
+        lines.append(f"| {shape} | {r['n']} | {r['method']} | {r['time_s']:.2f} | {len(r['times_s'])} | {t_ratio} | "
+                     f"{r['peak_bytes'] / 1e9:.2f} | {m_ratio} | {r['loss']:.4f} | {load:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +171,7 @@ def _parse(argv):
     p.add_argument("--timeout", type=float, default=900, help="seconds per (method, shape) process")
     p.add_argument("--max-eager-n", type=int, default=32768, help="skip eager/compile/torch_lce above this N")
     p.add_argument("--out", default=None, help="results stem (default benchmarks/results/kernels_<device>)")
+    p.add_argument("--append", action="store_true", help="merge into existing results (same method+shape: replace)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--d", type=int, help=argparse.SUPPRESS)
@@ -186,34 +191,41 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     methods = args.methods.split(",") if args.methods else (CUDA_METHODS if args.device == "cuda" else CPU_METHODS)
     shapes = ["caption"] if args.quick else args.shapes.split(",")
+    import torch
+
+    meta = {"device": args.device, "dtype": args.dtype, "repeats": args.repeats, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
+            if args.device == "cpu" else torch.cuda.get_device_name()}
+    stem = args.out or os.path.join(RESULTS, f"kernels_{args.device}")
     rows = []
+    if args.append and os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            rows = json.load(f)["rows"]
     for shape in shapes:
         d, v = SHAPES[shape]
         ns = [int(x) for x in args.ns.split(",")] if args.ns else ([8192] if args.quick else DEFAULT_NS[shape])
         for n in ns:
             for method in methods:
                 if method in ("eager", "compile", "torch_lce") and n > args.max_eager_n:
-                    rows.append({"method": method, "n": n, "d": d, "v": v, "skipped": "N > --max-eager-n"})
+                    if not any((r["method"], r["n"], r["d"], r["v"]) == (method, n, d, v) for r in rows):
+                        rows.append({"method": method, "n": n, "d": d, "v": v, "skipped": "not run (N > max-eager-n)"})
                     continue
                 row = _child(method, n, d, v, args)
-                rows.append(row)
+                rows = [r for r in rows if (r["method"], r["n"], r["d"], r["v"]) != (method, n, d, v)] + [row]
                 shown = row.get("skipped") or f"{row['time_s']:.2f} s, {row['peak_bytes'] / 1e9:.2f} GB"
                 print(f"{shape:8s} N={n:6d} {method:11s} {shown}", flush=True)
-    import torch
-
-    meta = {"device": args.device, "dtype": args.dtype, "repeats": args.repeats, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
-            if args.device == "cpu" else torch.cuda.get_device_name()}
-    table = to_markdown(rows, meta)
-    print(table)
-    stem = args.out or os.path.join(RESULTS, f"kernels_{args.device}")
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+                _save(stem, rows, meta)  # after every process, so an interrupted run keeps what it measured
+    print(to_markdown(rows, meta))
     print(f"saved {stem}.md and {stem}.json")
     return 0
+
+
+def _save(stem: str, rows: list[dict], meta: dict) -> None:
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".md", "w") as f:
+        f.write(to_markdown(rows, meta))
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

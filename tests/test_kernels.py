@@ -156,6 +156,18 @@ def test_only_hidden_needs_grad_and_retain_graph():
     torch.testing.assert_close(g2, g1)
 
 
+def test_autocast_casts_like_linear():
+    hidden, weight, b, target = make(64, 16, 40, torch.float32)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(*leaves[:2], target, bias=leaves[2], impl="torch")
+        loss.backward()
+    want = linear_cross_entropy(*(t.detach().bfloat16().double() for t in leaves[:2]), target,
+                                bias=leaves[2].detach().bfloat16().double(), impl="eager")
+    assert loss.dtype == torch.float32 and all(t.grad.dtype == torch.float32 for t in leaves)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_micro_batch_accumulation_equals_full_batch(reduction):
     hidden, weight, b, target = make(96, 16, 70, torch.float64)
@@ -219,6 +231,42 @@ def test_argument_errors():
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="triton"):
             linear_cross_entropy(hidden, weight, target, impl="triton")
+
+
+# ------------------------------------------------------------- Triton kernels compiled ahead of time (no GPU needed)
+
+_SCALARS = {"N": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "ignore_index": "i32",
+            "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the real kernels")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_triton_kernels_compile_for_sm90(dtype):
+    """Lower both kernels (every option on) to a cubin for sm_90 with the ptxas bundled in the triton wheel."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from encoder.kernels import triton_kernels as tk
+
+    bn, bv, bd, warps = tk.BLOCKS[4 if dtype == "fp32" else 2]
+    common = {"HAS_BIAS": True, "HAS_SOFTCAP": True, "UPCAST": dtype == "fp32",
+              "PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}
+    ptrs = {"H": f"*{dtype}", "W": f"*{dtype}", "B": f"*{dtype}", "T": "*i64", "LSE": "*fp32"}
+    kernels = [
+        (tk._lce_forward_kernel, {**ptrs, "LOSS": "*fp32"}, {"HAS_SMOOTHING": True}),
+        (tk._lce_backward_kernel, {**ptrs, "GS": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32"},
+         {"NEED_DH": True, "NEED_DW": True, "NEED_DB": True}),
+    ]
+    for fn, pointers, flags in kernels:
+        consts = {**common, **flags}
+        types = {**pointers, **_SCALARS}
+        names = fn.arg_names  # the kernel's parameter order
+        signature = {name: "constexpr" if name in consts else types[name] for name in names}
+        src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+        compiled = compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert compiled.asm["cubin"] and compiled.metadata.shared <= 100 * 1024
 
 
 # --------------------------------------------------------------------------- Triton kernels under the interpreter

@@ -29,3 +29,23 @@ def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedP
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# ov2-tiny on single-object built-in scenes at 64 px with the paper's keep ratio 0.35: long enough to learn colours
+# and (more slowly) shapes. Shared by the learning tests and the SmolLM2 bridge test.
+LEARN = [
+    "--data.kinds=shapes", "--synth_max_groups=1", "--stages.0.image_size=64", "--stages.0.steps=300",
+    "--stages.0.lr=2e-3", "--stages.0.warmup_steps=15", "--stages.1.steps=1", "--stages.1.image_size=64",
+    "--log_every=10", "--ckpt_every=1000", "--data.workers=1",
+]
+
+
+@pytest.fixture(scope="session")
+def ov2_tiny_run(tmp_path_factory):
+    """A run folder of a really trained ov2-tiny (a few CPU minutes, once per test session)."""
+    from encoder.config import apply_overrides, get_preset
+    from encoder.train import train
+
+    out = str(tmp_path_factory.mktemp("ov2_tiny") / "run")
+    train(apply_overrides(get_preset("ov2-tiny"), LEARN), out)
+    return out

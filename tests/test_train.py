@@ -13,38 +13,22 @@ import torch
 from safetensors.torch import load_file
 
 from encoder.checkpoint import latest_checkpoint, load_model
-from encoder.config import apply_overrides, get_preset
 from encoder.data.synth import COLOURS, SHAPES, make_scene
 from encoder.data.transforms import eval_transform
 from encoder.tokenizer import get_tokenizer
-from encoder.train import train
 from tests.conftest import ROOT, TINY
 
-LEARN = [
-    "--data.kinds=shapes", "--synth_max_groups=1", "--stages.0.steps=150", "--stages.0.warmup_steps=15",
-    "--stages.1.steps=1", "--stages.1.image_size=32", "--log_every=10", "--ckpt_every=1000", "--data.workers=1",
-]
-
-
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("learn") / "run")
-    cfg = apply_overrides(get_preset("ov2-tiny"), LEARN)
-    train(cfg, out)
-    return out
-
-
-def test_caption_loss_falls(learned):
-    records = [json.loads(line) for line in open(os.path.join(learned, "metrics.jsonl"))]
+def test_caption_loss_falls(ov2_tiny_run):
+    records = [json.loads(line) for line in open(os.path.join(ov2_tiny_run, "metrics.jsonl"))]
     first, last = records[0]["caption_loss"], records[-1]["caption_loss"]
     assert last < 0.4 * first, (first, last)
     assert all(r["skipped"] == 0 for r in records)
 
 
-def test_greedy_captions_name_colour_and_shape(learned):
-    model, cfg = load_model(learned)
+def test_greedy_captions_name_colour_and_shape(ov2_tiny_run):
+    model, cfg = load_model(ov2_tiny_run)
     tokenizer = get_tokenizer()
-    transform = eval_transform(32)
+    transform = eval_transform(64)
     scenes = [make_scene(999, i, 64, kinds=("shapes",), max_groups=1) for i in range(64)]  # held-out seed
     pixels = torch.stack([transform(s.image) for s in scenes])
     captions = [tokenizer.decode(ids) for ids in model.generate(pixels, 24)]
@@ -60,10 +44,10 @@ def test_greedy_captions_name_colour_and_shape(learned):
     assert colour_acc > 0.5 and shape_acc > 0.45, captions[:8]
 
 
-def test_caption_cli(learned, cli, tmp_path):
+def test_caption_cli(ov2_tiny_run, cli, tmp_path):
     path = tmp_path / "scene.png"
     make_scene(999, 0, 64, kinds=("shapes",), max_groups=1).image.save(path)
-    result = cli("caption", "--ckpt", learned, str(path), timeout=300)
+    result = cli("caption", "--ckpt", ov2_tiny_run, str(path), timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(path)) and "background" in result.stdout
 

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "kernels": ("benchmarks.kernels", "fused linear cross-entropy vs eager, torch.compile, F.linear_cross_entropy, CCE"),
+    "kernels": ("benchmarks.kernels", "fused linear CE vs eager, torch.compile, F.linear_cross_entropy, CCE"),
     "baselines": ("benchmarks.baselines", "ov2-tiny vs ov1-tiny vs clip-tiny: time, memory, Fashion-MNIST accuracy"),
 }
 

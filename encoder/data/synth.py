@@ -30,7 +30,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
     "pink": (240, 120, 190),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "gray": (170, 170, 170), "beige": (225, 210, 180)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245), "gray": (170, 170, 170), "beige": (225, 210, 180),
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 SIZES = ("small", "large")
 POSITIONS = {  # name -> (column, row) on a 3 x 3 grid
@@ -56,7 +58,7 @@ class Scene:
     meta: dict = field(default_factory=dict)  # text: word, colour; chart: labels, values
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(px: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     import matplotlib
 

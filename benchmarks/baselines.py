@@ -1,0 +1,116 @@
+"""OpenVision 2 vs OpenVision (v1) vs CLIP trained by the same code with equal steps and batch: training time,
+peak memory, Fashion-MNIST linear probe and zero-shot accuracy, in one Markdown table.
+
+    python -m benchmarks.baselines                                    # CPU: small towers, 400 steps at 32 px
+    python -m benchmarks.baselines --steps 50 --out /tmp/bl           # quicker smoke
+    python -m benchmarks.baselines --full-tiny --steps 400            # the tiny presets' own tower sizes
+
+Each training runs in its own process (`python -m encoder train`), so the peak resident memory (ru_maxrss of
+that child, from os.wait4) is the training's alone; on CUDA one would report torch.cuda.max_memory_allocated.
+The evaluation is `encoder.evaluate.evaluate` (2000 train / 1000 test images, plus a random-init ViT probe).
+Writes RUN_DIR/<family>/ (runs), RUN_DIR/results.json and the table (default
+benchmarks/results/baselines_cpu.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = ("ov2", "ov1", "clip")
+SMALL = [  # the towers of tests/test_baselines.py
+    "--model.vit.width=64", "--model.vit.depth=2", "--model.vit.heads=2", "--model.vit.mlp_dim=128",
+    "--model.decoder.width=64", "--model.decoder.depth=1", "--model.decoder.heads=2", "--model.decoder.mlp_dim=128",
+    "--model.decoder.max_len=24", "--model.text.width=64", "--model.text.depth=1", "--model.text.heads=2",
+    "--model.text.mlp_dim=128", "--model.text.context=24", "--model.embed_dim=64", "--model.num_queries=24",
+]
+
+
+def recipe(steps: int, batch: int, size: int) -> list[str]:
+    """Equal for every family: data mix, steps, batch, resolution and optimiser settings."""
+    return ["--data.kinds=shapes", "--synth_max_groups=1", "--data.fashion_mnist=0.75",
+            f"--stages.0.image_size={size}", f"--stages.0.steps={steps}", f"--stages.0.batch_size={batch}",
+            "--stages.0.lr=3e-3", "--stages.0.warmup_steps=10", "--stages.1.steps=1",
+            f"--stages.1.image_size={size}", f"--stages.1.batch_size={batch}", "--weight_decay=0",
+            "--log_every=10", f"--ckpt_every={steps + 1}", "--data.workers=0"]
+
+
+def train(family: str, out: str, args: list[str]) -> dict:
+    """Train in a child process: wall seconds, the child's own peak RSS (os.wait4), last logged metrics."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "encoder", "train", "--preset", f"{family}-tiny", "--out", out, *args]
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "train.log")
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=err, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"training {family} failed, see {log}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {"train_seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+            "train_elapsed_s": round(records[-1]["elapsed_s"], 1), "final_loss": round(records[-1]["loss"], 3)}
+
+
+def table(rows: dict, note: str) -> str:
+    lines = [
+        ("| model | train wall (s) | loop time (s) | peak RSS (MiB) | final loss | FMNIST probe | random-init probe "
+         "| FMNIST zero-shot |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for family, r in rows.items():
+        lines.append(f"| {family}-tiny | {r['train_seconds']} | {r['train_elapsed_s']} | {r['peak_rss_mib']} | "
+                     f"{r['final_loss']} | {r['linear_probe_acc']:.3f} | {r['random_init_linear_probe_acc']:.3f} | "
+                     f"{r['zero_shot_acc']:.3f} ({r['zero_shot_method']}) |")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.baselines", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--full-tiny", action="store_true", help="the tiny presets' own towers (slow on CPU)")
+    parser.add_argument("--out", default="runs/baselines", help="run folder")
+    parser.add_argument("--table", default=os.path.join(ROOT, "benchmarks", "results", "baselines_cpu.md"))
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    args = parser.parse_args(argv)
+    from encoder.checkpoint import load_model
+    from encoder.evaluate import evaluate
+
+    overrides = ([] if args.full_tiny else SMALL) + recipe(args.steps, args.batch, args.size)
+    rows = {}
+    for family in args.families.split(","):
+        run = os.path.join(args.out, family)
+        print(f"training {family}-tiny -> {run}", flush=True)
+        row = train(family, run, overrides)
+        model, cfg = load_model(run)
+        row.update(evaluate(model, cfg, args.size, 2000, 1000, baseline=True))
+        rows[family] = row
+        print(json.dumps({family: row}), flush=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    note = (f"Equal recipe for every family: {args.steps} steps, batch {args.batch}, {args.size} px, 25 % built-in "
+            "single-object scenes and 75 % Fashion-MNIST train images, lr 3e-3, no weight decay; towers "
+            f"{'of the tiny presets' if args.full_tiny else 'small (ViT 64 x 2, decoder/text 64 x 1)'}. Probe: "
+            "logistic regression on 2000 train-split features, accuracy on 1000 test-split images; zero-shot on "
+            f"the same test images (chance 0.1). Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+            "shared with other jobs (times are indicative only). Command: python -m benchmarks.baselines "
+            + " ".join(argv if argv is not None else sys.argv[1:]))
+    os.makedirs(os.path.dirname(args.table), exist_ok=True)
+    with open(args.table, "w") as f:
+        f.write("# Baselines on CPU: OpenVision 2 vs OpenVision (v1) vs CLIP\n\n" + table(rows, note))
+    print(table(rows, note))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

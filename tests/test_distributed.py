@@ -1,0 +1,145 @@
+"""Several processes (gloo, CPU): a contrastive step on 2 ranks equals one process on the global batch (DDP, FSDP2,
+uneven shards); 2-process `torchrun` training of each preset family, then an exact resume from a checkpoint.
+
+This file is also the worker script: `torchrun --standalone --nproc_per_node=2 tests/test_distributed.py OUT`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from encoder.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
+from encoder.config import apply_overrides, get_preset  # noqa: E402
+from encoder.models import build_losses, build_model  # noqa: E402
+from encoder.train import TrainModule  # noqa: E402
+
+SMALL = [  # a tiny but complete configuration of every family
+    "--model.vit.width=64", "--model.vit.depth=2", "--model.vit.heads=2", "--model.vit.mlp_dim=128",
+    "--model.decoder.width=64", "--model.decoder.depth=1", "--model.decoder.heads=2", "--model.decoder.mlp_dim=128",
+    "--model.decoder.max_len=32", "--model.text.width=64", "--model.text.depth=1", "--model.text.heads=2",
+    "--model.text.mlp_dim=128", "--model.text.context=32", "--model.embed_dim=32", "--model.num_queries=32",
+]
+GLOBAL_BATCH = 8
+CAPTIONS = [f"a {size} {colour} circle at the top" for size in ("small", "large") for colour in
+            ("red", "blue", "green", "pink")]
+
+
+def _module(family: str = "clip") -> TrainModule:
+    cfg = apply_overrides(get_preset(f"{family}-tiny"), SMALL)
+    torch.manual_seed(0)
+    return TrainModule(build_model(cfg.model), build_losses(cfg))
+
+
+def _global_batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"pixels": torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g), "captions": CAPTIONS}
+
+
+def _step(module: torch.nn.Module, batch: dict) -> float:
+    terms = module(batch)
+    terms["loss"].backward()
+    return float(terms["loss"].detach())
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            g = p.grad
+            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return out
+
+
+def worker(out: str) -> None:
+    """Each rank takes its rows of the global batch; rank 0 saves loss and full gradients per mode."""
+    from encoder import distributed as dist
+
+    device = dist.setup()
+    rank, world = dist.rank(), dist.world_size()
+    batch = _global_batch()
+    results = {}
+    for mode, cuts in (("ddp", None), ("fsdp", None), ("ddp_uneven", [0, 5, 8])):
+        cuts = cuts or [GLOBAL_BATCH * r // world for r in range(world + 1)]
+        lo, hi = cuts[rank], cuts[rank + 1]
+        local = {"pixels": batch["pixels"][lo:hi], "captions": batch["captions"][lo:hi]}
+        module = _module()
+        wrapped = dist.wrap(module, mode.split("_")[0], device)
+        loss = _step(wrapped, local)
+        grads = _grads(module)
+        if rank == 0:
+            results[mode] = {"loss": torch.tensor(loss), **{f"grad.{k}": v for k, v in grads.items()}}
+    if rank == 0:
+        torch.save(results, out)
+    dist.teardown()
+
+
+def _records(run: str) -> list[dict]:
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    out = str(tmp_path / "dist.pt")
+    result = torchrun(os.path.abspath(__file__), out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module = _module()
+    ref_loss = _step(module, _global_batch())
+    ref = _grads(module)
+    assert "losses.0.log_scale" in ref and "model.text.head.weight" in ref and "model.image_head.weight" in ref
+    for mode, got in torch.load(out, weights_only=True).items():
+        assert abs(float(got["loss"]) - ref_loss) < 1e-5, (mode, float(got["loss"]), ref_loss)
+        grads = {k.removeprefix("grad."): v for k, v in got.items() if k.startswith("grad.")}
+        assert grads.keys() == ref.keys(), mode
+        for name, g in ref.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"{mode}: {name}")
+
+
+RUN = [*SMALL, "--stages.0.image_size=16", "--stages.1.image_size=32", "--stages.0.batch_size=4",
+       "--stages.1.batch_size=4", "--stages.0.steps=4", "--stages.1.steps=4", "--stages.0.warmup_steps=1",
+       "--stages.1.warmup_steps=1", "--ckpt_every=2", "--log_every=2", "--keep_last=4", "--data.workers=0"]
+
+
+@pytest.mark.parametrize("family,mode", [("ov2", "ddp"), ("ov1", "fsdp"), ("clip", "ddp"), ("clip", "fsdp")])
+def test_torchrun_training_checkpoint_and_exact_resume(tmp_path, family, mode):
+    from safetensors.torch import load_file
+
+    full = str(tmp_path / "full")
+    result = torchrun("-m", "encoder", "train", "--preset", f"{family}-tiny", "--out", full, *RUN,
+                      f"--distributed={mode}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [int(p[-7:]) for p in list_checkpoints(full)] == [2, 4, 6, 8]
+    records = _records(full)
+    assert [r["step"] for r in records] == [2, 4, 6, 8]  # rank 0 logs, once
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert sorted(os.listdir(latest_checkpoint(full))) == sorted(
+        ["config.yaml", "model.safetensors", "optimizer.pt", "trainer.json", "rng_rank0.pt", "rng_rank1.pt"])
+
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(full, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "step_0000008"))  # stop inside stage 2, at step 6
+    result = torchrun("-m", "encoder", "train", "--out", resumed, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(os.path.join(full, "checkpoints", "step_0000008", "model.safetensors"))
+    b = load_file(os.path.join(resumed, "checkpoints", "step_0000008", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [r["step"] for r in _records(resumed)] == [2, 4, 6, 8]
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

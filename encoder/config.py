@@ -143,8 +143,8 @@ def _tiny() -> TrainConfig:
         num_queries=48,
     )
     stages = [
-        StageConfig(image_size=32, steps=400, batch_size=32, lr=1e-3, warmup_steps=40),
-        StageConfig(image_size=64, steps=200, batch_size=32, lr=3e-4, warmup_steps=20),
+        StageConfig(image_size=32, steps=400, batch_size=32, lr=2e-3, warmup_steps=40),
+        StageConfig(image_size=64, steps=200, batch_size=32, lr=5e-4, warmup_steps=20),
     ]
     # built-in scenes name every object, its colour and position: augment gently so captions stay true
     data = DataConfig(crop_min_scale=0.85, color_jitter=0.1, grayscale_p=0.0)

@@ -16,9 +16,9 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiled kernels, not the interpreter"),
 ]
 
-from test_kernels import OPTIONS, TOL, make, rel_errors, upstream_for
+from test_kernels import OPTIONS, TOL, make, rel_errors, upstream_for  # noqa: E402
 
-from encoder.kernels import linear_cross_entropy
+from encoder.kernels import linear_cross_entropy  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # fp32 tiles use input_precision="ieee"; half tiles feed tl.dot as they are and the upstream dlogits are rounded to

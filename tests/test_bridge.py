@@ -11,14 +11,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_bridge_helpers import (
+from bridge_helpers import (
     smollm2_tokenizer,
     write_clip_folder,
     write_openclip_folder,
     write_our_checkpoint,
     write_siglip_folder,
 )
+from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

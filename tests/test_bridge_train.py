@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from bridge_helpers import smollm2_tokenizer, write_clip_folder, write_our_checkpoint, write_tiny_llama_folder
 from PIL import Image
-from test_bridge_helpers import smollm2_tokenizer, write_clip_folder, write_our_checkpoint, write_tiny_llama_folder
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -70,6 +70,23 @@ def _copy(sd: dict, src: str, out: dict, dst: str) -> None:
             out[dst + suffix] = sd[src + suffix].clone()
 
 
+
+# our block module names -> transformers' names ("{}" is q, k or v for the split qkv projection)
+CLIP_BLOCK_NAMES = {"norm1": "layer_norm1", "attn.qkv": "self_attn.{}_proj", "attn.proj": "self_attn.out_proj",
+                    "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+VIT_BLOCK_NAMES = {"norm1": "layernorm_before", "attn.qkv": "attention.{}_proj", "attn.proj": "attention.o_proj",
+                   "norm2": "layernorm_after", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+
+def _copy_blocks(sd: dict, out: dict, depth: int, prefix: str, names: dict[str, str]) -> None:
+    for i in range(depth):
+        s, t = f"blocks.{i}.", f"{prefix}{i}."
+        for ours, theirs in names.items():
+            if ours == "attn.qkv":
+                _split_qkv(sd, s + ours, out, tuple(t + theirs.format(n) for n in "qkv"))
+            else:
+                _copy(sd, s + ours, out, t + theirs)
+
 def canonical_to_hf(sd: dict[str, torch.Tensor], shape: VitShape) -> dict[str, torch.Tensor]:
     """Canonical ViT state dict -> ViTModel / CLIPVisionModel state dict (pooler of ViTModel set to identity)."""
     out: dict[str, torch.Tensor] = {}
@@ -82,14 +99,7 @@ def canonical_to_hf(sd: dict[str, torch.Tensor], shape: VitShape) -> dict[str, t
         out["embeddings.class_embedding"] = sd["cls_token"].reshape(D).clone()
         out["embeddings.position_embedding.weight"] = sd["pos_embed"].reshape(-1, D).clone()
         _copy(sd, "pre_norm", out, "pre_layrnorm")
-        for i in range(shape.depth):
-            s, t = f"blocks.{i}.", f"encoder.layers.{i}."
-            _copy(sd, s + "norm1", out, t + "layer_norm1")
-            _split_qkv(sd, s + "attn.qkv", out, tuple(t + f"self_attn.{n}_proj" for n in "qkv"))
-            _copy(sd, s + "attn.proj", out, t + "self_attn.out_proj")
-            _copy(sd, s + "norm2", out, t + "layer_norm2")
-            _copy(sd, s + "mlp.fc1", out, t + "mlp.fc1")
-            _copy(sd, s + "mlp.fc2", out, t + "mlp.fc2")
+        _copy_blocks(sd, out, shape.depth, "encoder.layers.", CLIP_BLOCK_NAMES)
         _copy(sd, "norm", out, "post_layernorm")
         return out
     if "pre_norm.weight" in sd:
@@ -100,14 +110,7 @@ def canonical_to_hf(sd: dict[str, torch.Tensor], shape: VitShape) -> dict[str, t
     )
     out["embeddings.cls_token"] = sd["cls_token"].reshape(1, 1, D).clone()
     out["embeddings.position_embeddings"] = sd["pos_embed"].reshape(1, -1, D).clone()
-    for i in range(shape.depth):
-        s, t = f"blocks.{i}.", f"layers.{i}."
-        _copy(sd, s + "norm1", out, t + "layernorm_before")
-        _split_qkv(sd, s + "attn.qkv", out, tuple(t + f"attention.{n}_proj" for n in "qkv"))
-        _copy(sd, s + "attn.proj", out, t + "attention.o_proj")
-        _copy(sd, s + "norm2", out, t + "layernorm_after")
-        _copy(sd, s + "mlp.fc1", out, t + "mlp.fc1")
-        _copy(sd, s + "mlp.fc2", out, t + "mlp.fc2")
+    _copy_blocks(sd, out, shape.depth, "layers.", VIT_BLOCK_NAMES)
     _copy(sd, "norm", out, "layernorm")
     dtype = out["layernorm.weight"].dtype
     out["pooler.dense.weight"] = torch.eye(D, dtype=dtype)  # unused by LLaVA; identity rather than random

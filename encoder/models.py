@@ -27,10 +27,7 @@ def register(family: str, builder: Callable[[ModelConfig], nn.Module]) -> None:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.family not in MODELS:
-        try:  # baselines live in their own modules; importing them registers them
-            import encoder.contrastive_models  # noqa: F401
-        except ImportError:
-            pass
+        import encoder.contrastive_models  # noqa: F401  (the baselines register themselves on import)
     if cfg.family not in MODELS:
         raise ValueError(f"model family {cfg.family!r} is not available; known: {', '.join(sorted(MODELS))}")
     return MODELS[cfg.family](cfg)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.baselines import SMALL, recipe
 from encoder.checkpoint import latest_checkpoint, load_model
 from encoder.config import apply_overrides, get_preset
 from encoder.contrastive import ContrastiveLoss
@@ -19,18 +20,9 @@ from encoder.models import build_losses, build_model
 from encoder.ov2 import IGNORE, shift_targets
 from encoder.tokenizer import PAD, get_tokenizer
 
-SMALL = [  # every tower tiny; the preset's shapes otherwise (same as tests/test_distributed.py)
-    "--model.vit.width=64", "--model.vit.depth=2", "--model.vit.heads=2", "--model.vit.mlp_dim=128",
-    "--model.decoder.width=64", "--model.decoder.depth=1", "--model.decoder.heads=2", "--model.decoder.mlp_dim=128",
-    "--model.decoder.max_len=24", "--model.text.width=64", "--model.text.depth=1", "--model.text.heads=2",
-    "--model.text.mlp_dim=128", "--model.text.context=24", "--model.embed_dim=64", "--model.num_queries=24",
-]
-# Learning runs: single-object shape scenes plus 75 % Fashion-MNIST train images (tests/test_fashion_mnist.py probes
-# the same runs), 32 px, equal steps, batch and hyper-parameters for every family.
-LEARN = [*SMALL, "--data.kinds=shapes", "--synth_max_groups=1", "--data.fashion_mnist=0.75",
-         "--stages.0.image_size=32", "--stages.0.steps=400", "--stages.0.lr=3e-3", "--stages.0.warmup_steps=10",
-         "--stages.1.steps=1", "--stages.1.image_size=32", "--weight_decay=0", "--log_every=10", "--ckpt_every=1000",
-         "--data.workers=0"]
+# Learning runs: the equal-budget recipe of benchmarks/baselines.py (single-object shape scenes plus 75 %
+# Fashion-MNIST train images, 32 px, patch 4, 400 steps of 64); tests/test_fashion_mnist.py probes the same runs.
+LEARN = [*SMALL, *recipe()]
 
 
 def trained_run(tmp_path_factory, family: str) -> str:

@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             "25 % built-in "
             "single-object scenes and 75 % Fashion-MNIST train images, patch 4, lr 3e-3, no weight decay; towers "
             f"{'of the tiny presets' if args.full_tiny else 'small (ViT 64 x 2, decoder/text 64 x 1)'}. Probe: "
-            "logistic regression on 2000 train-split features, accuracy on 1000 test-split images; the random-init probe "
-            "is the same ViT at its initial weights (same seed); zero-shot on "
+            "logistic regression on 2000 train-split features, accuracy on 1000 test-split images; the random-init "
+            "probe is the same ViT at its initial weights (same seed); zero-shot on "
             f"the same test images (chance 0.1). Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
             "one run each. Command: python -m benchmarks.baselines "
             + " ".join(argv if argv is not None else sys.argv[1:]))

@@ -77,18 +77,24 @@ def table(rows: dict, note: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.baselines", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--size", type=int, default=32)
+    parser = argparse.ArgumentParser(prog="ov2 bench baselines", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400, help="training steps of every family (default 400)")
+    parser.add_argument("--batch", type=int, default=64, help="batch size of every family (default 64)")
+    parser.add_argument("--size", type=int, default=32, help="training and evaluation resolution (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="the runs' seed (initial weights, data order)")
     parser.add_argument("--full-tiny", action="store_true", help="the tiny presets' own towers (slow on CPU)")
-    parser.add_argument("--out", default="runs/baselines", help="run folder")
-    parser.add_argument("--table", default=os.path.join(ROOT, "benchmarks", "results", "baselines_cpu.md"))
-    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--out", default="runs/baselines", help="run folder, one sub-folder per family")
+    parser.add_argument("--table", default=os.path.join(ROOT, "benchmarks", "results", "baselines_cpu.md"),
+                        help="Markdown table to write (default benchmarks/results/baselines_cpu.md)")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list (default ov2,ov1,clip)")
     args = parser.parse_args(argv)
-    from encoder.checkpoint import load_model
+    from encoder.checkpoint import latest_checkpoint, load_model
     from encoder.evaluate import evaluate
+
+    for family in args.families.split(","):
+        if latest_checkpoint(os.path.join(args.out, family)):
+            parser.error(f"{os.path.join(args.out, family)} already holds a run: remove it or pass another --out")
 
     overrides = ([] if args.full_tiny else SMALL) + recipe(args.steps, args.batch, args.size) + [f"--seed={args.seed}"]
     rows = {}

@@ -169,10 +169,24 @@ def test_baseline_learns_on_builtin_data(tmp_path_factory, family):
     records = _records(run)
     first, last = records[0], records[-1]
     assert all(r["skipped"] == 0 for r in records)
-    assert last["contrastive_loss"] < first["contrastive_loss"] - 0.7, (first, last)  # starts at ~ln(32) = 3.47
+    assert last["contrastive_loss"] < first["contrastive_loss"] - 0.7, (first, last)  # starts at ~ln(64) = 4.16
     if family == "ov1":
         assert last["caption_loss"] < 0.4 * first["caption_loss"], (first, last)
     accuracy = builtin_zero_shot_colour(run)
     print(f"{family}: contrastive loss {first['contrastive_loss']:.3f} -> {last['contrastive_loss']:.3f}, "
           f"held-out zero-shot colour accuracy {accuracy:.3f} (chance {1 / len(COLOURS):.3f})")
-    assert accuracy > 1.6 / len(COLOURS)  # 0.2; 200 scenes: chance +- 0.023
+    assert accuracy > 0.5  # chance 0.125 (200 scenes: +- 0.023); measured 0.89 (ov1) and 0.91 (clip)
+
+
+def test_equal_budget_benchmark_writes_its_table(tmp_path):
+    from benchmarks.baselines import main
+
+    out, table = tmp_path / "runs", tmp_path / "table.md"
+    assert main(["--steps", "3", "--families", "clip", "--out", str(out), "--table", str(table)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert list(rows) == ["clip"] and rows["clip"]["peak_rss_mib"] > 100 and rows["clip"]["train_seconds"] > 0
+    assert 0.1 < rows["clip"]["random_init_linear_probe_acc"] < 1 and rows["clip"]["zero_shot_method"] == "cosine"
+    text = table.read_text()
+    assert "| clip-tiny |" in text and "3 steps, batch 64" in text
+    with pytest.raises(SystemExit):  # a second run into the same folder refuses instead of mixing runs
+        main(["--steps", "3", "--families", "clip", "--out", str(out), "--table", str(table)])

@@ -92,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     from encoder.checkpoint import latest_checkpoint, load_model
     from encoder.evaluate import evaluate
 
-    for family in args.families.split(","):
+    families = args.families.split(",")
+    for family in families:
         if latest_checkpoint(os.path.join(args.out, family)):
             parser.error(f"{os.path.join(args.out, family)} already holds a run: remove it or pass another --out")
 
     overrides = ([] if args.full_tiny else SMALL) + recipe(args.steps, args.batch, args.size) + [f"--seed={args.seed}"]
     rows = {}
-    for family in args.families.split(","):
+    for family in families:
         run = os.path.join(args.out, family)
         print(f"training {family}-tiny -> {run}", flush=True)
         row = train(family, run, overrides)
@@ -108,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({family: row}), flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    note = (f"Equal recipe for every family: {args.steps} steps, batch {args.batch}, {args.size} px, seed {args.seed}, "
-            "25 % built-in "
-            "single-object scenes and 75 % Fashion-MNIST train images, patch 4, lr 3e-3, no weight decay; towers "
+    note = (f"Equal recipe for every family: {args.steps} steps, batch {args.batch}, {args.size} px, patch 4, seed "
+            f"{args.seed}, 25 % built-in single-object scenes and 75 % Fashion-MNIST train images, lr 3e-3, no weight "
+            "decay; towers "
             f"{'of the tiny presets' if args.full_tiny else 'small (ViT 64 x 2, decoder/text 64 x 1)'}. Probe: "
             "logistic regression on 2000 train-split features, accuracy on 1000 test-split images; the random-init "
             "probe is the same ViT at its initial weights (same seed); zero-shot on "

@@ -121,11 +121,13 @@ def zero_shot_caption(model: nn.Module, pixels: torch.Tensor, max_len: int, batc
 
 
 def initial_vit(cfg) -> nn.Module:
-    """The ViT exactly as training started it: the trainer seeds with cfg.seed, then builds the whole model."""
+    """The ViT exactly as training started it: the trainer seeds with cfg.seed, then builds the whole model.
+    The caller's random state is left as it was."""
     from encoder.models import build_model
 
-    torch.manual_seed(cfg.seed)
-    return build_model(cfg.model).vit
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.model).vit
 
 
 def evaluate(model: nn.Module, cfg, size: int, n_train: int = 2000, n_test: int = 1000, seed: int = 0,

@@ -16,16 +16,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.baselines import SMALL as BASELINE_SMALL  # noqa: E402
 from encoder.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
 from encoder.config import apply_overrides, get_preset  # noqa: E402
 from encoder.models import build_losses, build_model  # noqa: E402
 from encoder.train import TrainModule  # noqa: E402
 
-SMALL = [  # a tiny but complete configuration of every family
-    "--model.vit.width=64", "--model.vit.depth=2", "--model.vit.heads=2", "--model.vit.mlp_dim=128",
-    "--model.decoder.width=64", "--model.decoder.depth=1", "--model.decoder.heads=2", "--model.decoder.mlp_dim=128",
-    "--model.decoder.max_len=32", "--model.text.width=64", "--model.text.depth=1", "--model.text.heads=2",
-    "--model.text.mlp_dim=128", "--model.text.context=32", "--model.embed_dim=32", "--model.num_queries=32",
+SMALL = [  # the small towers of the baselines benchmark, with longer texts and a narrower joint embedding
+    *BASELINE_SMALL, "--model.decoder.max_len=32", "--model.text.context=32", "--model.embed_dim=32",
+    "--model.num_queries=32",
 ]
 GLOBAL_BATCH = 8
 CAPTIONS = [f"a {size} {colour} circle at the top" for size in ("small", "large") for colour in

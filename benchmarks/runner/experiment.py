@@ -1,0 +1,200 @@
+"""An experiment file: which encoders, how each is bridged to an LLM, which tasks, which seeds.
+
+    name: default
+    paper: llava15_openvision2          # benchmarks/reference/<name>.csv, shown beside ours in the report
+    seeds: [0]
+    nproc: 1                            # > 1: training stages run under torchrun --nproc_per_node N
+    pretrain: {data.workers: 1}         # overrides applied to every encoder trained from a preset
+    encoders:
+      ov2:  {preset: ov2-tiny, overrides: {stages.0.steps: 200}}
+      mine: {checkpoint: runs/demo}                 # one of our run or checkpoint folders
+      clip-hf: {transformers: models/clip-vit}      # a local transformers CLIP / SigLIP / ViT vision folder
+      ov2-l14: {openvision: models/openvision2-l14} # a local OpenVision release folder (open_clip layout)
+    bridge: {llm: smollm2, overrides: {stage1.steps: 30, stage2.steps: 80}}
+    eval: {tasks: [ov2_gqa, ov2_pope], limit: 50, batch_size: 8}
+    encoder_eval: {enabled: true, n_train: 2000, n_test: 1000}
+    quick: {eval: {limit: 8}, bridge: {overrides: {stage2.steps: 10}}}   # deep-merged over the rest by --quick
+
+Every mistake (unknown key, wrong type, an encoder with no source or two) is an ExperimentError: one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SUITE_TASKS = ("ov2_textvqa", "ov2_chartqa", "ov2_ocrbench", "ov2_mme", "ov2_seed", "ov2_sqa", "ov2_gqa", "ov2_pope",
+               "ov2_fashion")
+SOURCES = ("preset", "checkpoint", "transformers", "openvision")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ExperimentError(ValueError):
+    """A bad experiment file; printed as one line, exit code 2."""
+
+
+@dataclass
+class EncoderSpec:
+    name: str = ""
+    preset: str | None = None  # train from this preset (ov2-*, ov1-*, clip-*)
+    checkpoint: str | None = None  # one of our run or checkpoint folders
+    transformers: str | None = None  # a local transformers vision-model folder
+    openvision: str | None = None  # a local OpenVision release folder (open_clip layout)
+    overrides: dict = field(default_factory=dict)  # pretraining --key=value overrides (preset encoders)
+    label: str = ""  # display name in the report (default: the name)
+
+    @property
+    def source(self) -> str:
+        return next(s for s in SOURCES if getattr(self, s))
+
+    @property
+    def ours(self) -> bool:
+        """Our own model (trained here or one of our checkpoints): it can be exported and evaluated as an encoder."""
+        return self.source in ("preset", "checkpoint")
+
+
+@dataclass
+class BridgeRecipe:
+    llm: str = "smollm2"
+    overrides: dict = field(default_factory=dict)  # bridge config keys: stage1.steps, stage2.lr, stage2_samples ...
+
+
+@dataclass
+class EvalSpec:
+    tasks: list = field(default_factory=lambda: list(SUITE_TASKS))
+    limit: int | None = None  # questions per task (None: the task's default size)
+    batch_size: int = 1
+
+
+@dataclass
+class EncoderEvalSpec:
+    enabled: bool = True
+    n_train: int = 2000
+    n_test: int = 1000
+    baseline: bool = True  # also probe the same ViT at its initial weights (the random-init floor)
+
+
+@dataclass
+class Experiment:
+    name: str = "experiment"
+    encoders: list = field(default_factory=list)  # [EncoderSpec]; a mapping name -> spec in the file
+    pretrain: dict = field(default_factory=dict)
+    bridge: BridgeRecipe = field(default_factory=BridgeRecipe)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    encoder_eval: EncoderEvalSpec = field(default_factory=EncoderEvalSpec)
+    seeds: list = field(default_factory=lambda: [0])
+    nproc: int = 1
+    paper: str | None = None
+    report: bool = True
+    quick: dict = field(default_factory=dict)
+
+
+def _check_type(value, tp, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or tp
+    if expected is bool and not isinstance(value, bool) or expected is int and (
+            not isinstance(value, int) or isinstance(value, bool)) or not isinstance(value, expected):
+        raise ExperimentError(f"{where}: expected {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ExperimentError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ExperimentError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_type(value, tp, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep merge of two YAML trees (mappings merge key by key; anything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def from_dict(tree: dict, quick: bool = False) -> Experiment:
+    if not isinstance(tree, dict):
+        raise ExperimentError("an experiment file must hold a mapping (name, encoders, bridge, eval, ...)")
+    if quick:
+        tree = merge({k: v for k, v in tree.items() if k != "quick"}, tree.get("quick") or {})
+    encoders = tree.get("encoders")
+    if not isinstance(encoders, dict) or not encoders:
+        raise ExperimentError("encoders: give at least one, as a mapping name -> {preset|checkpoint|transformers|"
+                              "openvision: ...}")
+    exp = _build(Experiment, {k: v for k, v in tree.items() if k != "encoders"}, "experiment")
+    for name, spec in encoders.items():
+        name = str(name)
+        if not NAME.match(name):
+            raise ExperimentError(f"encoders: name {name!r} must be letters, digits, '_', '-' or '.' (64 at most)")
+        enc = _build(EncoderSpec, spec or {}, f"encoders.{name}")
+        enc.name, enc.label = name, enc.label or name
+        given = [s for s in SOURCES if getattr(enc, s)]
+        if len(given) != 1:
+            raise ExperimentError(f"encoders.{name}: give exactly one of {', '.join(SOURCES)} (got {given or 'none'})")
+        if enc.overrides and enc.source != "preset":
+            raise ExperimentError(f"encoders.{name}: overrides apply to preset encoders only")
+        exp.encoders.append(enc)
+    if not NAME.match(exp.name):
+        raise ExperimentError(f"name {exp.name!r} must be letters, digits, '_', '-' or '.'")
+    if not exp.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in exp.seeds):
+        raise ExperimentError(f"seeds: expected a non-empty list of non-negative integers, got {exp.seeds!r}")
+    if exp.nproc < 1:
+        raise ExperimentError(f"nproc must be at least 1, got {exp.nproc}")
+    if not exp.eval.tasks or not all(isinstance(t, str) and t for t in exp.eval.tasks):
+        raise ExperimentError(f"eval.tasks: expected a non-empty list of task names, got {exp.eval.tasks!r}")
+    if exp.eval.limit is not None and exp.eval.limit < 1 or exp.eval.batch_size < 1:
+        raise ExperimentError("eval.limit and eval.batch_size must be at least 1")
+    if exp.encoder_eval.n_train < 10 or exp.encoder_eval.n_test < 10:
+        raise ExperimentError("encoder_eval.n_train and n_test must be at least 10")
+    return exp
+
+
+def load(path: str | Path, quick: bool = False) -> Experiment:
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ExperimentError(f"no experiment file {path}") from None
+    except IsADirectoryError:
+        raise ExperimentError(f"{path} is a folder, not an experiment file") from None
+    except OSError as err:
+        raise ExperimentError(f"cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ExperimentError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return from_dict(tree, quick=quick)
+
+
+def to_dict(exp: Experiment) -> dict:
+    tree = dataclasses.asdict(exp)
+    tree["encoders"] = {e["name"]: {k: v for k, v in e.items() if k != "name" and v not in (None, {}, "")}
+                        for e in tree["encoders"]}
+    return tree

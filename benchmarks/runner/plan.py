@@ -1,0 +1,112 @@
+"""An experiment -> an ordered list of stages, each with its folder, its key and the command that runs it.
+
+Per encoder (and seed): pretrain (preset encoders) -> export (our encoders: a transformers ViTModel/CLIPVisionModel
+folder) -> bridge (LLaVA stage 1 + stage 2 + export) -> eval (lmms-eval on the suite) and, for our encoders,
+encoder_eval (Fashion-MNIST probe and zero-shot). A stage's key hashes its own settings and its inputs' keys, so
+changing one encoder's config changes the keys of that encoder's stages only.
+
+    RUN/encoders/<encoder>/<stage>/     status.json, stage.json (key, command), stage.log, the stage's own files
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.runner.experiment import EncoderSpec, Experiment
+from encoder.core.runfolder import config_key
+
+OV2 = [sys.executable, "-m", "ov2"]
+
+
+@dataclass
+class Stage:
+    encoder: str  # folder name under RUN/encoders (the encoder's name, plus the seed when there are several)
+    label: str  # the encoder's display name
+    seed: int
+    name: str  # pretrain | export | bridge | eval | encoder_eval
+    key: str
+    folder: Path
+    command: list[str]
+    deps: list[str] = field(default_factory=list)  # ids of the stages this one reads
+    resumable: bool = False  # a training stage: an unfinished folder with the same key is resumed, not cleared
+
+    @property
+    def id(self) -> str:
+        return f"{self.encoder}/{self.name}"
+
+
+def _args(overrides: dict) -> list[str]:
+    def text(v) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else "null" if v is None else str(v)
+
+    return [f"--{k}={text(v)}" for k, v in overrides.items()]
+
+
+def _source_key(path: str) -> str:
+    """The key of an encoder read from disk: its absolute path and the newest modification time inside it."""
+    p = Path(path).expanduser().resolve()
+    stamp = 0.0
+    if p.exists():
+        stamp = max([p.stat().st_mtime] + [f.stat().st_mtime for f in p.rglob("*") if f.is_file()][:10_000])
+    return config_key("source", str(p), stamp)
+
+
+def pretrain_command(exp: Experiment, overrides: dict, preset: str, out: Path, resume: bool) -> list[str]:
+    if exp.nproc > 1:
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={exp.nproc}",
+                "-m", "encoder", "train"]
+    else:
+        head = [*OV2, "train"]
+    return [*head, "--preset", preset, "--out", str(out), *_args(overrides), *(["--resume"] if resume else [])]
+
+
+def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path) -> list[Stage]:
+    name = enc.name if len(exp.seeds) == 1 else f"{enc.name}-seed{seed}"
+    root = run_dir / "encoders" / name
+    stages: list[Stage] = []
+
+    def add(stage: str, key: str, command: list[str], deps: list[Stage], resumable: bool = False) -> Stage:
+        st = Stage(name, enc.label, seed, stage, key, root / stage, command, [d.id for d in deps], resumable)
+        stages.append(st)
+        return st
+
+    ours_path, src_key, upstream, tower_deps = None, "", [], []
+    if enc.source == "preset":
+        overrides = {**exp.pretrain, **enc.overrides, "seed": seed}
+        key = config_key("pretrain", enc.preset, overrides, exp.nproc)
+        pre = add("pretrain", key, pretrain_command(exp, overrides, enc.preset, root / "pretrain", False), [],
+                  resumable=True)
+        ours_path, src_key, upstream = str(pre.folder), pre.key, [pre]
+    elif enc.source == "checkpoint":
+        ours_path, src_key = os.path.abspath(enc.checkpoint), _source_key(enc.checkpoint)
+    if ours_path is not None:
+        export = add("export", config_key("export", src_key),
+                     [*OV2, "export-encoder", ours_path, str(root / "export" / "encoder")], upstream)
+        tower, tower_key, tower_deps = str(export.folder / "encoder"), export.key, [export]
+    else:
+        path = enc.transformers or enc.openvision
+        tower, tower_key = os.path.abspath(path), _source_key(path)
+    bridge_overrides = {**exp.bridge.overrides, "seed": seed}
+    bridge = add("bridge", config_key("bridge", exp.bridge.llm, bridge_overrides, tower_key),
+                 [*OV2, "bridge", "train", "--encoder", tower, "--llm", exp.bridge.llm, "--out", str(root / "bridge"),
+                  *_args(bridge_overrides)], tower_deps, resumable=True)
+    ev = exp.eval
+    add("eval", config_key("eval", ev.tasks, ev.limit, bridge.key),
+        [*OV2, "eval", str(bridge.folder / "model"), "--tasks", ",".join(ev.tasks), "--out", str(root / "eval"),
+         "--data", str(run_dir / "data"), "--batch-size", str(ev.batch_size),
+         *(["--limit", str(ev.limit)] if ev.limit else [])], [bridge])
+    ee = exp.encoder_eval
+    if ee.enabled and ours_path is not None:
+        add("encoder_eval", config_key("encoder_eval", ee.n_train, ee.n_test, ee.baseline, src_key),
+            [*OV2, "eval-encoder", "--ckpt", ours_path, "--out", str(root / "encoder_eval" / "result.json"),
+             "--n-train", str(ee.n_train), "--n-test", str(ee.n_test), *(["--baseline"] if ee.baseline else [])],
+            upstream)
+    return stages
+
+
+def build_plan(exp: Experiment, run_dir: Path) -> list[Stage]:
+    """Every stage of the experiment in the order it runs: encoder by encoder, seed by seed."""
+    return [st for seed in exp.seeds for enc in exp.encoders for st in _encoder_stages(exp, enc, seed, Path(run_dir))]

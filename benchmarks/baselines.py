@@ -23,31 +23,16 @@ import subprocess
 import sys
 import time
 
+from encoder.config import equal_budget_recipe
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("ov2", "ov1", "clip")
-SMALL = [  # every tower small; the preset's shapes otherwise
-    "--model.vit.width=64", "--model.vit.depth=2", "--model.vit.heads=2", "--model.vit.mlp_dim=128",
-    "--model.decoder.width=64", "--model.decoder.depth=1", "--model.decoder.heads=2", "--model.decoder.mlp_dim=128",
-    "--model.decoder.max_len=24", "--model.text.width=64", "--model.text.depth=1", "--model.text.heads=2",
-    "--model.text.mlp_dim=128", "--model.text.context=24", "--model.embed_dim=64", "--model.num_queries=24",
-]
 
 
-def recipe(steps: int = 400, batch: int = 64, size: int = 32) -> list[str]:
-    """Equal for every family: data mix, steps, batch, resolution, patch and optimiser settings. Patch 4 gives 64
-    patches at 32 px, so OpenVision 2 still sees 22 after keeping 35 % (patch 8 would leave it 5 of 16, and then
-    its probe does not rise above the random-init floor in this budget)."""
-    return ["--data.kinds=shapes", "--synth_max_groups=1", "--data.fashion_mnist=0.75", "--model.vit.patch_size=4",
-            f"--stages.0.image_size={size}", f"--stages.0.steps={steps}", f"--stages.0.batch_size={batch}",
-            "--stages.0.lr=3e-3", "--stages.0.warmup_steps=10", "--stages.1.steps=1",
-            f"--stages.1.image_size={size}", f"--stages.1.batch_size={batch}", "--weight_decay=0",
-            "--log_every=10", f"--ckpt_every={steps + 1}", "--data.workers=0"]
-
-
-def train(family: str, out: str, args: list[str]) -> dict:
+def train(preset: str, out: str, args: list[str]) -> dict:
     """Train in a child process: wall seconds, the child's own peak RSS (os.wait4), last logged metrics."""
     env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "encoder", "train", "--preset", f"{family}-tiny", "--out", out, *args]
+    cmd = [sys.executable, "-m", "encoder", "train", "--preset", preset, "--out", out, *args]
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "train.log")
     start = time.perf_counter()
@@ -56,21 +41,21 @@ def train(family: str, out: str, args: list[str]) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"training {family} failed, see {log}")
+        raise RuntimeError(f"training {preset} failed, see {log}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return {"train_seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
             "train_elapsed_s": round(records[-1]["elapsed_s"], 1), "final_loss": round(records[-1]["loss"], 3)}
 
 
-def table(rows: dict, note: str) -> str:
+def table(rows: dict, note: str, size: str = "micro") -> str:
     lines = [
         ("| model | train wall (s) | loop time (s) | peak RSS (MiB) | final loss | FMNIST probe | random-init probe "
          "| FMNIST zero-shot |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for family, r in rows.items():
-        lines.append(f"| {family}-tiny | {r['train_seconds']} | {r['train_elapsed_s']} | {r['peak_rss_mib']} | "
+        lines.append(f"| {family}-{size} | {r['train_seconds']} | {r['train_elapsed_s']} | {r['peak_rss_mib']} | "
                      f"{r['final_loss']} | {r['linear_probe_acc']:.3f} | {r['random_init_linear_probe_acc']:.3f} | "
                      f"{r['zero_shot_acc']:.3f} ({r['zero_shot_method']}) |")
     return "\n".join(lines) + "\n\n" + note + "\n"
@@ -97,12 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         if latest_checkpoint(os.path.join(args.out, family)):
             parser.error(f"{os.path.join(args.out, family)} already holds a run: remove it or pass another --out")
 
-    overrides = ([] if args.full_tiny else SMALL) + recipe(args.steps, args.batch, args.size) + [f"--seed={args.seed}"]
+    size = "tiny" if args.full_tiny else "micro"
+    overrides = equal_budget_recipe(args.steps, args.batch, args.size) + [f"--seed={args.seed}"]
     rows = {}
     for family in families:
         run = os.path.join(args.out, family)
-        print(f"training {family}-tiny -> {run}", flush=True)
-        row = train(family, run, overrides)
+        print(f"training {family}-{size} -> {run}", flush=True)
+        row = train(f"{family}-{size}", run, overrides)
         model, cfg = load_model(run)
         row.update(evaluate(model, cfg, args.size, 2000, 1000, baseline=True))
         rows[family] = row
@@ -112,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     note = (f"Equal recipe for every family: {args.steps} steps, batch {args.batch}, {args.size} px, patch 4, seed "
             f"{args.seed}, 25 % built-in single-object scenes and 75 % Fashion-MNIST train images, lr 3e-3, no weight "
             "decay; towers "
-            f"{'of the tiny presets' if args.full_tiny else 'small (ViT 64 x 2, decoder/text 64 x 1)'}. Probe: "
+            f"of the {size} presets. Probe: "
             "logistic regression on 2000 train-split features, accuracy on 1000 test-split images; the random-init "
             "probe is the same ViT at its initial weights (same seed); zero-shot on "
             f"the same test images (chance 0.1). Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "

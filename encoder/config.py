@@ -8,24 +8,19 @@
 A key is a dotted path (`model.vit.width`, `stages.1.lr`) or a leaf name that is unique in the tree
 (`keep_ratio`, `seed`). Presets differ only in numbers and `model.family` ("ov2" | "ov1" | "clip").
 Each preset has a two-stage resolution schedule: low-resolution pretraining, then high-resolution
-finetuning that starts from stage 1's weights (sin-cos positions need no interpolation).
+finetuning that starts from stage 1's weights (sin-cos positions need no interpolation); `ov2-so400m14` adds the
+released third stage (84 -> 224 -> 378 px). A stage's `batch_size` is the global batch of one optimizer step;
+`micro_batch()` derives the per-process micro-batch from the world size and `grad_accum`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
-import yaml
-
+from encoder.core.config import ConfigError, apply_overrides, apply_tree, read_yaml, set_value  # noqa: F401
 from encoder.decoder import DecoderConfig
 from encoder.vit import ViTConfig
-
-
-class ConfigError(ValueError):
-    """A bad configuration; the CLI prints it as one line and exits 2."""
 
 
 @dataclass
@@ -56,7 +51,7 @@ class ModelConfig:
 class StageConfig:
     image_size: int = 64
     steps: int = 100
-    batch_size: int = 32  # per process and micro-step; global batch = batch_size x grad_accum x world size
+    batch_size: int = 32  # GLOBAL batch of one optimizer step; per process: micro_batch(stage, world, grad_accum)
     lr: float = 1e-3
     warmup_steps: int = 10
 
@@ -65,14 +60,18 @@ class StageConfig:
 class DataConfig:
     source: str = "synth"  # "synth" (generated on the fly) | webdataset shards (dir, glob, list) | image folder
     captions: str = ""  # captions file (JSONL / CSV / parquet) for an image-folder source
+    captions_outside: bool = False  # allow captions-file image paths that leave the image folder (.., absolute, links)
     synth_seed: int = 0  # the held-out synthetic streams use other seeds
     synth_size: int = 50_000  # distinct synthetic scenes in one epoch
     kinds: str = "shapes,text,chart"
     synth_max_groups: int = 3  # object groups per shapes scene (1 = single-object scenes)
     fashion_mnist: float = 0.0  # fraction of Fashion-MNIST train images mixed in (needs dataset-fashion-mnist)
     crop_min_scale: float = 0.4  # random resized crop scale range is (crop_min_scale, 1)
-    color_jitter: float = 0.4  # brightness / contrast / saturation strength
+    color_jitter: float = 0.4  # brightness / contrast / saturation: factors drawn from [1 - x, 1 + x]
+    hue_jitter: float = 0.0  # hue shift drawn from [-x, x] (fraction of the colour circle); released: 0.08
+    color_jitter_p: float = 1.0  # probability that an image is colour-jittered at all; released: 0.8
     grayscale_p: float = 0.2  # probability of a grayscale image
+    resize: str = "bicubic"  # crop resize filter (antialiased): "bilinear" (released) | "bicubic"
     max_bad_fraction: float = 0.05  # stop when more than this fraction of samples read so far was unusable
     workers: int = 1  # DataLoader worker processes per rank
 
@@ -111,15 +110,32 @@ DECODERS = {  # decoder paired with each encoder size (FACTS.md)
     "b": (512, 12, 2048, 8), "l": (768, 12, 3072, 12), "so400m": (1152, 27, 4304, 16),
     "h": (1024, 24, 4096, 16), "g": (1024, 24, 4096, 16),
 }
-# The released recipe: stage 1 at low resolution (12.8B samples, batch 32k), stage 2 at high (1.02B, 16k).
-PAPER_STAGES = dict(batch=(32_768, 16_384), steps=(390_625, 62_256), lr=(1.024e-3, 2.56e-5), warmup=(1_563, 1_563))
+# The released recipe: stage 1 at low resolution (12.8B samples, batch 32k), stage 2 at high (1.02B, 16k); batches
+# are global. A third stage (the released 384 px models) starts from the 224 px checkpoint with the only numbers
+# released for it (OpenVision v1's 384 px script): batch 8,192, 256M samples, peak LR 3.2e-6, no warm-up.
+PAPER_STAGES = dict(batch=(32_768, 16_384, 8_192), steps=(390_625, 62_256, 31_250), lr=(1.024e-3, 2.56e-5, 3.2e-6),
+                    warmup=(1_563, 1_563, 0))
+# Released augmentation: colour jitter as SimCLR's with strength s = 0.4 (brightness / contrast / saturation
+# 0.8 s, hue 0.2 s), applied with p 0.8; grayscale p 0.2; bilinear antialiased resize.
+RELEASED_DATA = dict(color_jitter=0.8 * 0.4, hue_jitter=0.2 * 0.4, color_jitter_p=0.8, grayscale_p=0.2,
+                     resize="bilinear")
 
 
-def _paper_preset(size: str, patch: int, low: int, high: int) -> TrainConfig:
+def micro_batch(stage: StageConfig, world_size: int = 1, grad_accum: int = 1) -> int:
+    """Per-process batch of one micro-step: the stage's global batch / (world size x gradient accumulation)."""
+    parts = world_size * grad_accum
+    if stage.batch_size % parts:
+        raise ConfigError(f"global batch {stage.batch_size} is not divisible by world size {world_size} x grad_accum "
+                          f"{grad_accum} = {parts}: choose a batch_size that is a multiple of {parts}")
+    return stage.batch_size // parts
+
+
+def _paper_preset(size: str, patch: int, low: int, high: int, final: int | None = None) -> TrainConfig:
+    """Stages low -> high px (the released two-stage recipe), then `final` px from the high checkpoint if given."""
     width, depth, mlp, heads = VITS[size]
     d_width, d_depth, d_mlp, d_heads = DECODERS[size]
     model = ModelConfig(
-        vit=ViTConfig(image_size=high, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp),
+        vit=ViTConfig(image_size=final or high, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp),
         decoder=DecoderConfig(width=d_width, depth=d_depth, heads=d_heads, mlp_dim=d_mlp),
         # v1 / CLIP text encoder: as wide and deep as the decoder (FACTS.md cost arithmetic), context 80
         text=TextConfig(width=d_width, depth=d_depth, heads=d_heads, mlp_dim=d_mlp),
@@ -128,9 +144,9 @@ def _paper_preset(size: str, patch: int, low: int, high: int) -> TrainConfig:
     stages = [
         StageConfig(image_size=res, steps=PAPER_STAGES["steps"][i], batch_size=PAPER_STAGES["batch"][i],
                     lr=PAPER_STAGES["lr"][i], warmup_steps=PAPER_STAGES["warmup"][i])
-        for i, res in enumerate((low, high))
+        for i, res in enumerate((low, high) if final is None else (low, high, final))
     ]
-    return TrainConfig(model=model, stages=stages)
+    return TrainConfig(model=model, stages=stages, data=DataConfig(**RELEASED_DATA))
 
 
 def _tiny() -> TrainConfig:
@@ -151,12 +167,45 @@ def _tiny() -> TrainConfig:
     return TrainConfig(model=model, data=data, stages=stages, weight_decay=0.05, ckpt_every=100)
 
 
+def _micro() -> TrainConfig:
+    """Tests and smoke runs (seconds on 2 cores): ViT 64 x 2 (patch 8), decoder / text encoder 64 x 1, 16 px then
+    32 px, batch 8. The tiny preset's gentle augmentation; its stage-2 LR."""
+    model = ModelConfig(
+        vit=ViTConfig(image_size=32, patch_size=8, width=64, depth=2, heads=2, mlp_dim=128),
+        decoder=DecoderConfig(width=64, depth=1, heads=2, mlp_dim=128, max_len=24),
+        text=TextConfig(width=64, depth=1, heads=2, mlp_dim=128, context=24),
+        embed_dim=64,
+        num_queries=24,
+    )
+    stages = [
+        StageConfig(image_size=16, steps=12, batch_size=8, lr=2e-3, warmup_steps=2),
+        StageConfig(image_size=32, steps=8, batch_size=8, lr=5e-4, warmup_steps=1),
+    ]
+    data = DataConfig(crop_min_scale=0.85, color_jitter=0.1, grayscale_p=0.0, workers=0)
+    return TrainConfig(model=model, data=data, stages=stages, weight_decay=0.05, log_every=2, ckpt_every=10)
+
+
+def equal_budget_recipe(steps: int = 400, batch: int = 64, size: int = 32) -> list[str]:
+    """Overrides of the baselines comparison, equal for every family (applied to `{family}-micro` by
+    `benchmarks/baselines.py` and the baseline learning tests): single-object built-in scenes plus 75 %
+    Fashion-MNIST train images, steps x batch at `size` px, patch 4, lr 3e-3, no weight decay. Patch 4 gives 64
+    patches at 32 px, so OpenVision 2 still sees 22 after keeping 35 % (patch 8 would leave it 5 of 16, and then its
+    probe does not rise above the random-init floor in this budget). Stage 2 is one step at 1/20 of 5e-4."""
+    return ["--data.kinds=shapes", "--synth_max_groups=1", "--data.fashion_mnist=0.75", "--model.vit.patch_size=4",
+            f"--stages.0.image_size={size}", f"--stages.0.steps={steps}", f"--stages.0.batch_size={batch}",
+            "--stages.0.lr=3e-3", "--stages.0.warmup_steps=10", "--stages.1.steps=1", "--stages.1.lr=5e-4",
+            "--stages.1.warmup_steps=20", f"--stages.1.image_size={size}", f"--stages.1.batch_size={batch}",
+            "--weight_decay=0", "--log_every=10", f"--ckpt_every={steps + 1}", "--data.workers=0"]
+
+
 _BASES = {
+    "micro": _micro,
     "tiny": _tiny,
     "b16": lambda: _paper_preset("b", 16, 112, 224),
     "l14": lambda: _paper_preset("l", 14, 84, 224),
-    # 378 = 27 x 14: the same 27 x 27 grid that a 384 px input gives with patch 14 (the conv drops 6 px)
-    "so400m14": lambda: _paper_preset("so400m", 14, 84, 378),
+    # 378 = 27 x 14: the same 27 x 27 grid that a 384 px input gives with patch 14 (the conv drops 6 px);
+    # 84 -> 224 -> 378 as the released 384 px models
+    "so400m14": lambda: _paper_preset("so400m", 14, 84, 224, 378),
     "h14": lambda: _paper_preset("h", 14, 84, 224),
     "g14": lambda: _paper_preset("g", 14, 84, 224),
 }
@@ -174,111 +223,18 @@ def get_preset(name: str) -> TrainConfig:
     return cfg
 
 
-# --- overrides -----------------------------------------------------------------------------------------
-
-
-def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted path: value} for every scalar in the config tree (list items as `.0`, `.1`, ...)."""
-    if dataclasses.is_dataclass(obj):
-        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
-    elif isinstance(obj, list):
-        items = [(str(i), v) for i, v in enumerate(obj)]
-    else:
-        return {prefix: obj}
-    out = {}
-    for name, value in items:
-        out.update(_leaves(value, f"{prefix}.{name}" if prefix else name))
-    return out
-
-
-def _coerce(value: Any, like: Any, key: str) -> Any:
-    if isinstance(like, bool):
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    try:
-        if isinstance(like, int):
-            as_float = float(value)
-            if as_float != int(as_float):
-                raise ValueError
-            return int(as_float)
-        if isinstance(like, float):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {type(like).__name__}, got {value!r}") from None
-    return str(value)
-
-
-def _resolve(cfg: TrainConfig, key: str) -> str:
-    leaves = _leaves(cfg)
-    if key in leaves:
-        return key
-    matches = [path for path in leaves if path.split(".")[-1] == key]
-    if len(matches) == 1:
-        return matches[0]
-    if matches:
-        raise ConfigError(f"ambiguous key {key!r}: say one of {', '.join(matches)}")
-    raise ConfigError(f"unknown config key {key!r}")
-
-
-def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
-    path = _resolve(cfg, key)
-    *parents, last = path.split(".")
-    obj = cfg
-    for part in parents:
-        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
-    old = obj[int(last)] if isinstance(obj, list) else getattr(obj, last)
-    new = _coerce(value, old, path)
-    if isinstance(obj, list):
-        obj[int(last)] = new
-    else:
-        setattr(obj, last, new)
-
-
-def apply_overrides(cfg: TrainConfig, args: list[str]) -> TrainConfig:
-    cfg = copy.deepcopy(cfg)
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"expected --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        set_value(cfg, key.replace("-", "_"), value)
-    return cfg
-
-
-def _merge(cfg: TrainConfig, tree: dict, prefix: str = "") -> None:
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if path == "stages" and isinstance(value, list):
-            template = cfg.stages[-1]
-            cfg.stages = [copy.deepcopy(cfg.stages[i] if i < len(cfg.stages) else template) for i in range(len(value))]
-            for i, stage in enumerate(value):
-                _merge(cfg, stage, f"stages.{i}.")
-        elif isinstance(value, dict):
-            _merge(cfg, value, f"{path}.")
-        else:
-            set_value(cfg, path, value)
+# --- overrides (the engine is encoder.core.config, shared with the bridge config) ----------------------
 
 
 def apply_yaml(cfg: TrainConfig, path: str) -> TrainConfig:
-    try:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys")
-    cfg = copy.deepcopy(cfg)
+    """`cfg` with a YAML file of overrides applied (a `preset:` key in it starts from that preset)."""
+    tree = read_yaml(path)
     if "preset" in tree:
-        cfg = get_preset(tree.pop("preset"))
-    _merge(cfg, tree)
-    return cfg
+        preset = tree.pop("preset")
+        if not isinstance(preset, str):
+            raise ConfigError(f"preset: expected a preset name, got {preset!r}; choose from: {', '.join(PRESETS)}")
+        cfg = get_preset(preset)
+    return apply_tree(cfg, tree)
 
 
 def to_dict(cfg: TrainConfig) -> dict:
@@ -286,9 +242,10 @@ def to_dict(cfg: TrainConfig) -> dict:
 
 
 def from_dict(tree: dict) -> TrainConfig:
-    cfg = get_preset(tree.get("preset", "ov2-tiny"))
-    _merge(cfg, {k: v for k, v in tree.items() if k != "preset"})
-    return cfg
+    preset = tree.get("preset", "ov2-tiny")
+    if not isinstance(preset, str):
+        raise ConfigError(f"preset: expected a preset name, got {preset!r}")
+    return apply_tree(get_preset(preset), {k: v for k, v in tree.items() if k != "preset"})
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -297,7 +254,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.family must be one of {FAMILIES}, got {m.family!r}")
     if not 0.0 < m.keep_ratio <= 1.0:
         raise ConfigError(f"model.keep_ratio must be in (0, 1], got {m.keep_ratio}")
+    positive = {"model.vit.patch_size": m.vit.patch_size, "model.vit.image_size": m.vit.image_size,
+                **{f"model.{name}.{k}": getattr(getattr(m, name), k) for name in ("vit", "decoder", "text")
+                   for k in ("width", "depth", "heads", "mlp_dim")}}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if not cfg.stages:
+        raise ConfigError("stages: at least one stage is needed")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"data.workers must be 0 or more, got {cfg.data.workers}")
     for i, stage in enumerate(cfg.stages):
+        if stage.image_size <= 0:
+            raise ConfigError(f"stages.{i}.image_size must be positive, got {stage.image_size}")
         if stage.image_size % m.vit.patch_size:
             raise ConfigError(
                 f"stages.{i}.image_size {stage.image_size} is not divisible by the patch size {m.vit.patch_size}"
@@ -324,6 +293,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"distributed must be 'ddp' or 'fsdp', got {cfg.distributed!r}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    if cfg.data.resize not in ("bilinear", "bicubic"):
+        raise ConfigError(f"data.resize must be 'bilinear' or 'bicubic', got {cfg.data.resize!r}")
+    if not (0.0 <= cfg.data.color_jitter_p <= 1.0 and 0.0 <= cfg.data.hue_jitter <= 0.5):
+        raise ConfigError("data.color_jitter_p must be in [0, 1] and data.hue_jitter in [0, 0.5]")
     if not 0.0 <= cfg.data.fashion_mnist < 1.0:
         raise ConfigError(f"data.fashion_mnist must be in [0, 1), got {cfg.data.fashion_mnist}")
     if cfg.grad_accum < 1 or cfg.keep_last < 1 or cfg.ckpt_every < 1 or cfg.log_every < 1:

@@ -3,15 +3,13 @@ caption branch, and learning on built-in data (loss falls, zero-shot colour on h
 
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.baselines import SMALL, recipe
-from encoder.checkpoint import latest_checkpoint, load_model
-from encoder.config import apply_overrides, get_preset
+from encoder.checkpoint import load_model
+from encoder.config import get_preset
 from encoder.contrastive import ContrastiveLoss
 from encoder.data.synth import COLOURS, SHAPES, make_scene
 from encoder.data.transforms import eval_transform
@@ -19,29 +17,11 @@ from encoder.losses import CaptionLoss
 from encoder.models import build_losses, build_model
 from encoder.ov2 import IGNORE, shift_targets
 from encoder.tokenizer import PAD, get_tokenizer
-
-# Learning runs: the equal-budget recipe of benchmarks/baselines.py (single-object shape scenes plus 75 %
-# Fashion-MNIST train images, 32 px, patch 4, 400 steps of 64); tests/test_fashion_mnist.py probes the same runs.
-LEARN = [*SMALL, *recipe()]
-
-
-def trained_run(tmp_path_factory, family: str) -> str:
-    """A run folder of `family`-tiny trained with LEARN, shared by every test module of the session."""
-    from encoder.train import train
-
-    out = str(tmp_path_factory.getbasetemp() / "trained" / family)
-    if latest_checkpoint(out) is None:
-        train(apply_overrides(get_preset(f"{family}-tiny"), LEARN), out)
-    return out
-
-
-def _records(run: str) -> list[dict]:
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from tests.helpers import assert_close_scaled, records, trained_run
 
 
 def _small(family: str):
-    cfg = apply_overrides(get_preset(f"{family}-tiny"), SMALL)
+    cfg = get_preset(f"{family}-micro")
     torch.manual_seed(0)
     return build_model(cfg.model), cfg
 
@@ -90,11 +70,11 @@ def test_text_encoder_pools_at_eos_and_ignores_padding():
     full = tok(texts, cfg.model.text.context, pad_to_max=True)
     assert longest.shape[1] < full.shape[1] == cfg.model.text.context
     a, b = model.text(longest), model.text(full)
-    torch.testing.assert_close(a["pooled"], b["pooled"], rtol=1e-5, atol=1e-5)
+    assert_close_scaled(a["pooled"], b["pooled"], msg="padding to the longest text vs to the context")
     eos = (longest != PAD).sum(1) - 1
-    torch.testing.assert_close(a["pooled"], a["tokens"][torch.arange(3), eos])
+    assert torch.equal(a["pooled"], a["tokens"][torch.arange(3), eos])
     alone = model.text(tok(texts[:1], cfg.model.text.context))["pooled"]  # no dependence on the other rows
-    torch.testing.assert_close(alone[0], a["pooled"][0], rtol=1e-5, atol=1e-5)
+    assert_close_scaled(alone[0], a["pooled"][0], msg="one text alone vs in a batch")
     truncated = tok(["word " * 100], cfg.model.text.context)
     assert truncated.shape[1] == cfg.model.text.context and model.text(truncated)["pooled"].shape == (1, 64)
 
@@ -127,7 +107,7 @@ def test_openvision1_outputs_and_parallel_caption_targets():
     # the query hidden states of a row do not depend on how much the other rows' alt-texts were padded
     model.eval()
     one = model(**{k: v[:1] for k, v in batch.items()})["caption_hidden"]
-    torch.testing.assert_close(one[0], model(**batch)["caption_hidden"][0], rtol=1e-4, atol=1e-5)
+    assert_close_scaled(one[0], model(**batch)["caption_hidden"][0], msg="one row alone vs in a batch")
     # more targets than queries: cut to the queries
     long_tokens = torch.randint(3, 1000, (2, Q + 5))
     assert model(**{**batch, "tokens": long_tokens})["caption_targets"].shape == (2, Q)
@@ -136,7 +116,7 @@ def test_openvision1_outputs_and_parallel_caption_targets():
 def test_presets_differ_only_by_family():
     ov2 = get_preset("ov2-l14")
     for family in ("ov1", "clip"):
-        for size in ("tiny", "l14"):
+        for size in ("micro", "tiny", "l14"):
             cfg, same = get_preset(f"{family}-{size}"), get_preset(f"ov2-{size}")
             assert cfg.model.vit == same.model.vit and cfg.stages == same.stages
     assert get_preset("ov1-l14").model.num_queries == 128 and get_preset("ov1-l14").model.text.context == 80
@@ -166,9 +146,9 @@ def builtin_zero_shot_colour(run: str, n: int = 200) -> float:
 @pytest.mark.parametrize("family", ["clip", "ov1"])
 def test_baseline_learns_on_builtin_data(tmp_path_factory, family):
     run = trained_run(tmp_path_factory, family)
-    records = _records(run)
-    first, last = records[0], records[-1]
-    assert all(r["skipped"] == 0 for r in records)
+    logged = records(run)
+    first, last = logged[0], logged[-1]
+    assert all(r["skipped"] == 0 for r in logged)
     assert last["contrastive_loss"] < first["contrastive_loss"] - 0.7, (first, last)  # starts at ~ln(64) = 4.16
     if family == "ov1":
         assert last["caption_loss"] < 0.4 * first["caption_loss"], (first, last)
@@ -178,15 +158,17 @@ def test_baseline_learns_on_builtin_data(tmp_path_factory, family):
     assert accuracy > 0.5  # chance 0.125 (200 scenes: +- 0.023); measured 0.89 (ov1) and 0.91 (clip)
 
 
-def test_equal_budget_benchmark_writes_its_table(tmp_path):
-    from benchmarks.baselines import main
-
+def test_equal_budget_benchmark_writes_its_table(cli, tmp_path):
     out, table = tmp_path / "runs", tmp_path / "table.md"
-    assert main(["--steps", "3", "--families", "clip", "--out", str(out), "--table", str(table)]) == 0
+    args = ["bench", "baselines", "--steps", "3", "--families", "clip", "--out", str(out), "--table", str(table)]
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((out / "results.json").read_text())
     assert list(rows) == ["clip"] and rows["clip"]["peak_rss_mib"] > 100 and rows["clip"]["train_seconds"] > 0
     assert 0.1 < rows["clip"]["random_init_linear_probe_acc"] < 1 and rows["clip"]["zero_shot_method"] == "cosine"
+    assert [r["step"] for r in records(str(out / "clip"))][-1] == 4  # 3 steps + the one-step second stage
     text = table.read_text()
-    assert "| clip-tiny |" in text and "3 steps, batch 64" in text
-    with pytest.raises(SystemExit):  # a second run into the same folder refuses instead of mixing runs
-        main(["--steps", "3", "--families", "clip", "--out", str(out), "--table", str(table)])
+    assert "| clip-micro |" in text and "3 steps, batch 64" in text and "| clip-micro |" in result.stdout
+    again = cli(*args)  # a second run into the same folder refuses instead of mixing runs
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert json.loads((out / "results.json").read_text()) == rows

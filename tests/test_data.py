@@ -79,10 +79,8 @@ def test_too_many_bad_samples_stop_with_a_clear_message(cli, tmp_path):
         for i in range(80):
             _add(tar, f"s{i}.png", _png() if i % 3 else b"garbage")
             _add(tar, f"s{i}.txt", b"a red square")
-    from tests.conftest import TINY
-
-    result = cli("train", "--preset", "ov2-tiny", "--out", str(tmp_path / "run"), f"--data.source={shards}",
-                 "--max_bad_fraction=0.1", "--stages.0.steps=20", "--stages.1.steps=1", *TINY, timeout=300)
+    result = cli("train", "--preset", "ov2-micro", "--out", str(tmp_path / "run"), f"--data.source={shards}",
+                 "--max_bad_fraction=0.1", "--stages.0.steps=20", "--stages.1.steps=1", timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "unusable" in result.stderr and "corrupt_image" in result.stderr and "max_bad_fraction=0.1" in result.stderr
 

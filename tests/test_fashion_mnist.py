@@ -1,5 +1,5 @@
 """Fashion-MNIST: the reader, template captions, the pretraining mix (train split only), and the encoder-level
-evaluation: `ov2 eval-encoder` JSON, and a linear probe on each trained tiny encoder that beats the probe on a
+evaluation: `ov2 eval-encoder` JSON, and a linear probe on each trained micro encoder that beats the probe on a
 randomly initialised ViT of the same shape (the run's own initial weights)."""
 
 import json
@@ -12,7 +12,7 @@ from encoder.config import DataConfig
 from encoder.data import fashion_mnist as fm
 from encoder.data.loader import make_loader
 from encoder.data.sources import SynthSource, open_source
-from tests.test_baselines import trained_run
+from tests.helpers import trained_run
 
 pytestmark = pytest.mark.skipif(not fm.available(), reason="needs the Debian package dataset-fashion-mnist")
 
@@ -80,13 +80,12 @@ def test_eval_encoder_cli_writes_json(tmp_path_factory, cli, tmp_path):
 
 
 def test_random_init_baseline_is_the_runs_own_initial_vit(tmp_path):
-    from benchmarks.baselines import SMALL
     from encoder.config import apply_overrides, get_preset
     from encoder.evaluate import initial_vit
     from encoder.train import Trainer
 
     for family in ("ov2", "clip"):
-        cfg = apply_overrides(get_preset(f"{family}-tiny"), [*SMALL, "--seed=7", "--data.synth_size=64"])
+        cfg = apply_overrides(get_preset(f"{family}-micro"), ["--seed=7", "--data.synth_size=64"])
         start = Trainer(cfg, str(tmp_path / family)).module.model.vit.state_dict()
         baseline = initial_vit(cfg).state_dict()
         assert start.keys() == baseline.keys()

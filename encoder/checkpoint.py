@@ -1,23 +1,22 @@
-"""Checkpoints: one folder per step, written atomically, the last K kept.
+"""Pretraining checkpoints on the one scheme of `encoder.core.checkpoint` (atomic `step_N/`, verified on load).
 
     RUN/config.yaml
     RUN/checkpoints/step_0000100/
         config.yaml          the training config (a checkpoint folder is self-contained)
         model.safetensors    full model weights (fp32)
         optimizer.pt         optimizer state (tensors and numbers only; loaded with weights_only=True)
-        trainer.json         step, data position, stage, counters
+        trainer.json         step, data position, stage, counters, file sizes
         rng_rank{R}.pt       each process's torch RNG state (token dropping draws from it)
 
-A folder is first written as `step_N.tmp` and renamed when complete, so a crash never leaves a
-half-written checkpoint where `latest` looks. Works for plain, DDP and FSDP2 models (full state dicts).
+Works for plain, DDP and FSDP2 models (full state dicts). A damaged newest checkpoint (a cut file) is reported
+and the newest intact one is used instead, by `--resume`, `caption`, `eval-encoder` and `export-encoder` alike.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -32,28 +31,32 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from encoder import distributed as dist
-from encoder.config import TrainConfig, from_dict, to_dict
+from encoder.config import ConfigError, TrainConfig, from_dict, to_dict
+from encoder.core import checkpoint as core
 
-_STEP = re.compile(r"^step_(\d+)$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def save_config(cfg: TrainConfig, path: str) -> None:
-    with open(path, "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 def load_config(path: str) -> TrainConfig:
-    with open(path) as f:
-        return from_dict(yaml.safe_load(f))
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} does not hold a training config")
+    return from_dict(tree)
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    names = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP.match(name)))
-    return [os.path.join(root, name) for _, name in names]
+    return [str(p) for p in core.list_checkpoints(run_dir)]
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -63,51 +66,69 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def save_checkpoint(run_dir: str, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict) -> str:
-    """Collective under torchrun: every rank calls it; rank 0 writes the shared files."""
-    final = os.path.join(run_dir, "checkpoints", f"step_{state['step']:07d}")
-    tmp = final + ".tmp"
+    """Collective under torchrun: every rank calls it; rank 0 writes the shared files and renames once."""
     model_state = get_model_state_dict(model, options=_FULL)
     optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    tmp = core.step_path(run_dir, state["step"]).with_name(f"step_{state['step']:07d}.tmp")
     if dist.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        core.begin(run_dir, state["step"])
     dist.barrier()
-    torch.save(torch.get_rng_state(), os.path.join(tmp, f"rng_rank{dist.rank()}.pt"))
+    torch.save(torch.get_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
     dist.barrier()
+    final = core.step_path(run_dir, state["step"])
     if dist.is_main():
-        save_file({k: v.contiguous() for k, v in model_state.items()}, os.path.join(tmp, "model.safetensors"))
-        torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(state, f, indent=1)
-        save_config(cfg, os.path.join(tmp, "config.yaml"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[: -cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
+        save_config(cfg, str(tmp / "config.yaml"))
+        final = core.commit(tmp, state, cfg.keep_last)
     dist.barrier()
-    return final
+    return str(final)
 
 
-def load_checkpoint(path: str, model: nn.Module) -> dict:
-    """Restore the model weights and this rank's RNG in place; return the trainer state."""
-    set_model_state_dict(model, load_file(os.path.join(path, "model.safetensors")), options=_FULL)
-    rng_file = os.path.join(path, f"rng_rank{dist.rank()}.pt")
-    if os.path.exists(rng_file):
-        torch.set_rng_state(torch.load(rng_file, weights_only=True))
-    with open(os.path.join(path, "trainer.json")) as f:
-        return json.load(f)
+def read_checkpoint(path: str | Path) -> dict:
+    """Everything a resume needs, read (and so checked) before anything is changed: weights, optimizer state,
+    this rank's RNG state, trainer state."""
+    path = Path(path)
+    rng_file = path / f"rng_rank{dist.rank()}.pt"
+    return {
+        "model": load_file(str(path / "model.safetensors")),
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+        "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+        "state": core.read_state(path),
+    }
 
 
-def load_optimizer(path: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    optim_state = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=_FULL)
+def restore(bundle: dict, model: nn.Module) -> dict:
+    """Put a read checkpoint's weights and RNG state in place; return the trainer state."""
+    set_model_state_dict(model, bundle["model"], options=_FULL)
+    if bundle["rng"] is not None:
+        torch.set_rng_state(bundle["rng"])
+    return dict(bundle["state"])
+
+
+def restore_optimizer(bundle: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    set_optimizer_state_dict(model, optimizer, bundle["optimizer"], options=_FULL)
+
+
+def _read_weights(path: Path) -> tuple[dict, TrainConfig]:
+    return load_file(str(path / "model.safetensors")), load_config(str(path / "config.yaml"))
 
 
 def resolve(path: str) -> str:
-    """A run folder (its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return path
-    found = latest_checkpoint(path)
+    """A run folder (its newest intact checkpoint) or a checkpoint folder -> the checkpoint folder."""
+    return str(_resolve(path)[0])
+
+
+def _resolve(path: str) -> tuple[Path, tuple[dict, TrainConfig]]:
+    folder = Path(path)
+    if (folder / "model.safetensors").is_file():
+        return folder, _read_weights(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{path!r} does not exist")
+    try:
+        found = core.newest(folder, _read_weights)
+    except core.CheckpointError as err:
+        raise FileNotFoundError(str(err)) from None
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {path!r} (expected model.safetensors or checkpoints/step_*/)")
     return found
@@ -117,10 +138,17 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module
     """(model in eval mode, config) from a run folder or checkpoint folder; the encoder is `model.vit`."""
     from encoder.models import build_model
 
-    ckpt = resolve(path)
-    cfg = load_config(os.path.join(ckpt, "config.yaml"))
+    _, (weights, cfg) = _resolve(path)
     model = build_model(cfg.model)
-    state = {k.removeprefix("model."): v for k, v in load_file(os.path.join(ckpt, "model.safetensors")).items()
-             if k.startswith("model.")}
+    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     model.load_state_dict(state)
     return model.to(device).eval(), cfg
+
+
+def remove_tmp(run_dir: str) -> None:
+    """Temporary folders a crash left behind (never a completed checkpoint)."""
+    root = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)

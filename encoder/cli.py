@@ -1,31 +1,49 @@
-"""Command lines of the encoder package (`ov2 train|data|caption`, or `python -m encoder ...`)."""
+"""Command lines of the encoder package (`ov2 train|data|caption`, or `python -m encoder ...`).
+
+Exit codes (every sub-command): 0 ok; 2 bad usage, config or input (one line on stderr, no traceback);
+1 a failure while running; 130 interrupted (one line saying how to resume).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import warnings
 
 TRAIN_EPILOG = """
 overrides: any config key as --key=value, by dotted path or by a unique leaf name, e.g.
   --model.keep_ratio=0.25  --stages.0.steps=50  --stages.1.image_size=64  --bf16=true  --seed=3
 examples:
   ov2 train --preset ov2-tiny --out runs/demo                      # CPU demo on built-in scenes (~10 min)
-  ov2 train --preset ov2-tiny --out runs/smoke --stages.0.steps=20 --stages.1.steps=10
+  ov2 train --preset ov2-micro --out runs/smoke                    # seconds: a smoke run
   ov2 train --out runs/demo --resume                               # continue exactly where it stopped
   ov2 train --preset ov2-tiny --data.source=data/synth --out runs/shards   # webdataset shards
   torchrun --nproc_per_node=2 -m encoder train --preset clip-tiny --out runs/clip
+a resume may change only bookkeeping (log_every, ckpt_every, keep_last, data.workers, ...) and add steps.
 presets: {presets}
 """
 
 
-def _fail(prog: str, message: str, code: int = 2) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+def fail(prog: str, message: str, code: int = 2) -> int:
+    """One line on stderr; the exit code (2: bad usage, config or input; 1: a failure while running)."""
+    line = (str(message).strip().splitlines() or ["error"])[0]
+    print(f"{prog}: error: {line}", file=sys.stderr)
     return code
+
+
+def _os_error(prog: str, err: OSError) -> int:
+    if err.errno == errno.ENOSPC:
+        return fail(prog, f"no space left on the device ({err.filename or 'writing the run folder'})")
+    if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return fail(prog, f"cannot write {err.filename}: {err.strerror}")
+    return fail(prog, f"{err.strerror or err}: {err.filename}" if err.filename else str(err), 1)
 
 
 def train_main(argv: list[str]) -> int:
     from encoder.config import PRESETS, ConfigError, apply_overrides, apply_yaml, get_preset, validate
+    from encoder.core.runfolder import RunLocked
 
     parser = argparse.ArgumentParser(
         prog="ov2 train", description="Pretrain a vision encoder (OpenVision 2, OpenVision v1 or CLIP preset).",
@@ -34,34 +52,51 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--preset", default=None, help="named preset (default ov2-tiny; on --resume, the run's own)")
     parser.add_argument("--config", default=None, help="YAML file of overrides (applied before --key=value)")
     parser.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
     args, rest = parser.parse_known_args(argv)
+    prog, trainer = "ov2 train", None
     try:
-        from encoder.checkpoint import load_config
-
-        saved = os.path.join(args.out, "config.yaml")
-        if args.resume and os.path.exists(saved) and args.preset is None:
-            cfg = load_config(saved)
-        else:
-            cfg = get_preset(args.preset or "ov2-tiny")
+        cfg = _resume_base(args.out) if args.resume and args.preset is None else None
+        cfg = cfg or get_preset(args.preset or "ov2-tiny")
         if args.config:
             cfg = apply_yaml(cfg, args.config)
         cfg = validate(apply_overrides(cfg, rest))
-        from encoder.train import train
+        from encoder.train import Trainer
 
-        record = train(cfg, args.out, resume=args.resume)
-    except ConfigError as err:
-        return _fail("ov2 train", str(err))
+        trainer = Trainer(cfg, args.out, resume=args.resume)
+        record = trainer.run()
+    except KeyboardInterrupt:
+        step = trainer.state["step"] if trainer is not None else 0
+        print(f"{prog}: interrupted at step {step}; resume with: ov2 train --out {args.out} --resume",
+              file=sys.stderr)
+        return 130
+    except (ConfigError, RunLocked, FileNotFoundError, NotADirectoryError) as err:
+        return fail(prog, err)
+    except OSError as err:
+        return _os_error(prog, err)
     except Exception as err:
+        from encoder.core.checkpoint import CheckpointError
         from encoder.data.loader import DataError
         from encoder.train import TrainingStopped
 
-        if isinstance(err, (DataError, TrainingStopped, FileNotFoundError)):
-            return _fail("ov2 train", str(err), 1)
+        if isinstance(err, (DataError, TrainingStopped, CheckpointError)):
+            return fail(prog, err, 1)
+        if isinstance(err, ValueError):
+            return fail(prog, err)
         raise
     if record:
         print(f"done: step {record['step']} loss {record['loss']:.4f} -> {args.out}")
     return 0
+
+
+def _resume_base(out: str):
+    """The config a run was started with: RUN/config.yaml, else its newest checkpoint's copy."""
+    from encoder.checkpoint import latest_checkpoint, load_config
+
+    for path in (os.path.join(out, "config.yaml"), os.path.join(latest_checkpoint(out) or out, "config.yaml")):
+        if os.path.isfile(path):
+            return load_config(path)
+    return None
 
 
 def data_main(argv: list[str]) -> int:
@@ -71,74 +106,106 @@ def data_main(argv: list[str]) -> int:
                            description="Write built-in captioned scenes (shapes, words, charts) as webdataset "
                                        "shards: KEY.png + KEY.json ({caption, alt, kind}) + KEY.txt.")
     synth.add_argument("--n", type=int, default=20_000, help="number of scenes")
-    synth.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar")
+    synth.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar (must be empty or new)")
     synth.add_argument("--seed", type=int, default=0, help="stream seed (held-out sets use another seed)")
     synth.add_argument("--size", type=int, default=64, help="image side in pixels")
     synth.add_argument("--kinds", default="shapes,text,chart", help="comma-separated scene kinds")
     synth.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    synth.add_argument("--force", action="store_true",
+                       help="write into a non-empty folder, first removing the shard-*.tar files in it")
     samples = sub.add_parser("samples", help="write a few built-in scenes as PNG files (held-out seed by default)")
     samples.add_argument("--n", type=int, default=4)
     samples.add_argument("--out", required=True)
     samples.add_argument("--seed", type=int, default=999)
     samples.add_argument("--size", type=int, default=64)
     args = parser.parse_args(argv)
-    if args.cmd == "samples":
-        from encoder.data.synth import make_scene
-
-        os.makedirs(args.out, exist_ok=True)
-        for i in range(args.n):
-            scene = make_scene(args.seed, i, args.size)
-            scene.image.save(os.path.join(args.out, f"scene_{i:03d}.png"))
-            print(f"scene_{i:03d}.png\t{scene.caption}")
-        return 0
-    from encoder.data.shards import write_synth_shards
-
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    prog = f"ov2 data {args.cmd}"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return fail(prog, f"--out {args.out} is a file, not a folder")
+    if args.n <= 0 or args.size <= 0:
+        return fail(prog, "--n and --size must be positive")
     try:
-        paths = write_synth_shards(args.out, args.n, args.seed, args.size, kinds, args.per_shard)
+        if args.cmd == "samples":
+            from encoder.data.synth import make_scene
+
+            os.makedirs(args.out, exist_ok=True)
+            for i in range(args.n):
+                scene = make_scene(args.seed, i, args.size)
+                scene.image.save(os.path.join(args.out, f"scene_{i:03d}.png"))
+                print(f"scene_{i:03d}.png\t{scene.caption}")
+            return 0
+        from encoder.data.shards import write_synth_shards
+
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        paths = write_synth_shards(args.out, args.n, args.seed, args.size, kinds, args.per_shard, force=args.force)
     except ValueError as err:
-        return _fail("ov2 data synth", str(err))
+        return fail(prog, err)
+    except OSError as err:
+        return _os_error(prog, err)
     print(f"wrote {args.n} samples in {len(paths)} shards to {args.out}")
     return 0
 
 
 def caption_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ov2 caption", description="Greedy captions from an OpenVision 2 checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="run folder (latest checkpoint) or checkpoint folder")
+    parser.add_argument("--ckpt", required=True, help="run folder (newest intact checkpoint) or checkpoint folder")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--max-len", type=int, default=48, help="maximum caption tokens")
     parser.add_argument("--size", type=int, default=None, help="input resolution (default: the last stage's)")
     args = parser.parse_args(argv)
+    prog = "ov2 caption"
     import torch
     from PIL import Image
 
     from encoder.checkpoint import load_model
+    from encoder.config import ConfigError
     from encoder.data.transforms import eval_transform
     from encoder.tokenizer import get_tokenizer
 
+    if args.max_len < 1:
+        return fail(prog, f"--max-len must be at least 1, got {args.max_len}")
     try:
         model, cfg = load_model(args.ckpt)
-    except FileNotFoundError as err:
-        return _fail("ov2 caption", str(err))
+    except (FileNotFoundError, ConfigError) as err:
+        return fail(prog, err)
     if not hasattr(model, "generate"):
-        return _fail("ov2 caption", f"a {cfg.model.family} model has no caption decoder to generate with")
-    transform = eval_transform(args.size or cfg.stages[-1].image_size)
-    try:
-        pixels = torch.stack([transform(Image.open(path)) for path in args.images])
-    except OSError as err:
-        return _fail("ov2 caption", f"cannot read image: {err}")
+        return fail(prog, f"a {cfg.model.family} model has no caption decoder to generate with")
+    size = args.size or cfg.stages[-1].image_size
+    if size <= 0 or size % cfg.model.vit.patch_size:
+        return fail(prog, f"--size {size} must be a positive multiple of the patch size {cfg.model.vit.patch_size}")
+    transform = eval_transform(size)
+    images = []
+    for path in args.images:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    images.append(transform(image))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return fail(prog, f"{path}: image too large (more than {Image.MAX_IMAGE_PIXELS} pixels)")
+        except (OSError, ValueError, SyntaxError) as err:
+            return fail(prog, f"cannot read image {path}: {err}")
     tokenizer = get_tokenizer()
-    for path, ids in zip(args.images, model.generate(pixels, args.max_len)):
+    for path, ids in zip(args.images, model.generate(torch.stack(images), args.max_len)):
         print(f"{path}\t{tokenizer.decode(ids)}")
     return 0
 
 
-COMMANDS = {"train": train_main, "data": data_main, "caption": caption_main}
+COMMANDS = {"train": (train_main, "pretrain an encoder from a preset (ov2-*, ov1-*, clip-*)"),
+            "data": (data_main, "make training data (built-in synthetic scenes -> shards)"),
+            "caption": (caption_main, "greedy captions of images with a trained OpenVision 2 checkpoint")}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m encoder {train,data,caption} ...`; each sub-command parses its own arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m encoder {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m encoder", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        return fail("python -m encoder", f"unknown command {argv[0]!r}; choose from: {', '.join(COMMANDS)}")
+    return COMMANDS[argv[0]][0](argv[1:])

@@ -8,6 +8,10 @@ AdamW (b1 0.9, b2 0.95, decoupled weight decay on Linear/Conv weight matrices on
 cosine to 0 within each stage, a fresh optimizer at each stage (stage 2 starts from stage 1's weights),
 gradient accumulation, optional bf16 autocast, a NaN/inf guard (skip the step; stop after `nan_patience`
 in a row), JSONL metrics, atomic checkpoints every `ckpt_every` steps and at the end of each stage.
+
+The run folder follows the contract of `encoder.core.runfolder`: everything is checked (config, saved config,
+checkpoint) before anything is written; then the folder is locked, status.json says running -> ok / failed /
+interrupted, and config.yaml, metrics.jsonl and checkpoints/ are written.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -24,10 +29,15 @@ from tqdm import tqdm
 
 from encoder import checkpoint as ckpt
 from encoder import distributed as dist
-from encoder.config import ConfigError, StageConfig, TrainConfig, validate
+from encoder.config import ConfigError, StageConfig, TrainConfig, micro_batch, to_dict, validate
+from encoder.core import runfolder
+from encoder.core.checkpoint import newest as newest_checkpoint
+from encoder.core.resume import check_out, check_resume
 from encoder.data.loader import DataError, make_loader
 from encoder.data.sources import open_source
 from encoder.models import build_losses, build_model
+
+MAX_EMPTY_TRIES = 10_000  # samples read in a row without a usable one before the run stops
 
 
 class TrainingStopped(RuntimeError):
@@ -81,25 +91,45 @@ def _model_inputs(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k not in ("seen", "bad")}
 
 
+def _check_weights(bundle: dict, module: nn.Module, path: str) -> None:
+    """The checkpoint's tensors must be exactly the model's (names and shapes) before anything is loaded."""
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in bundle["model"].items()}
+    wrong = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if wrong:
+        raise ConfigError(f"--resume: the checkpoint {path} does not fit this model "
+                          f"(differs in {', '.join(wrong[:5])})")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str, resume: bool = False):
         self.cfg, self.out = validate(cfg), out
         self.device = dist.setup()
-        if not resume and ckpt.latest_checkpoint(out):
+        for stage in cfg.stages:  # every stage's global batch must split over the processes before anything runs
+            micro_batch(stage, dist.world_size(), cfg.grad_accum)
+        check_out(out)
+        runfolder.check_unlocked(out)
+        self.resume_from, self.bundle = None, None
+        if resume:
+            found = newest_checkpoint(out, ckpt.read_checkpoint)
+            if found is None:
+                raise ConfigError(f"--resume: no checkpoint found in {out}")
+            self.resume_from, self.bundle = str(found[0]), found[1]
+            check_resume(out, cfg, self.bundle["state"]["step"])
+        elif ckpt.list_checkpoints(out):
             raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+        self.key = runfolder.config_key(to_dict(cfg))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.module = TrainModule(build_model(cfg.model), build_losses(cfg)).to(self.device)
+        if self.bundle is not None:
+            _check_weights(self.bundle, self.module, self.resume_from)
         self.wrapped = dist.wrap(self.module, cfg.distributed, self.device)
         torch.manual_seed(cfg.seed * 1000 + dist.rank() + 1)  # token dropping differs between ranks
         self.state = {"step": 0, "position": 0, "nan_streak": 0, "seen": 0, "bad": {}, "elapsed": 0.0}
-        self.resume_from = ckpt.latest_checkpoint(out) if resume else None
-        if resume and self.resume_from is None:
-            raise ConfigError(f"--resume: no checkpoint found in {out}")
         source = open_source(cfg.data, render_size=max(s.image_size for s in cfg.stages))
+        self.bad_shards = len(getattr(source, "bad_shards", ()))
         self.source = source.split(dist.rank(), dist.world_size())
-        if dist.is_main():
-            os.makedirs(out, exist_ok=True)
-            ckpt.save_config(cfg, os.path.join(out, "config.yaml"))
+        self.empty_tries = 0
 
     # --- bookkeeping -----------------------------------------------------------------------------------
 
@@ -107,16 +137,6 @@ class Trainer:
         if dist.is_main():
             with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-    def _trim_metrics(self) -> None:
-        """After a resume, drop metric lines written after the checkpoint (they will be written again)."""
-        path = os.path.join(self.out, "metrics.jsonl")
-        if not dist.is_main() or not os.path.exists(path):
-            return
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line).get("step", 0) <= self.state["step"]]
-        with open(path, "w") as f:
-            f.writelines(keep)
 
     def _count(self, batch: dict) -> None:
         self.state["seen"] += batch["seen"]
@@ -136,33 +156,55 @@ class Trainer:
             self.state["position"] += batch_size
             self._count(batch)
             if "pixels" in batch:
+                self.empty_tries = 0
                 return batch
+            self.empty_tries += batch["seen"]
+            if self.empty_tries >= MAX_EMPTY_TRIES or self.empty_tries >= 2 * len(self.source) + batch_size:
+                raise DataError(f"no usable sample in {self.empty_tries} tries ({self.state['bad']}): check the "
+                                f"data at {self.cfg.data.source!r}")
 
     # --- the loop --------------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        if not dist.is_main():
+            return self._loop()
+        with runfolder.RunLock(self.out), runfolder.track(self.out, key=self.key, kind="pretrain"):
+            os.makedirs(os.path.join(self.out, "checkpoints"), exist_ok=True)
+            ckpt.remove_tmp(self.out)
+            ckpt.save_config(self.cfg, os.path.join(self.out, "config.yaml"))
+            runfolder.rewrite_metrics(os.path.join(self.out, "metrics.jsonl"),
+                                      self.bundle["state"]["step"] if self.bundle else 0)
+            if self.bad_shards:
+                print(f"warning: {self.bad_shards} unreadable shard(s) skipped (counted as bad_shards in "
+                      f"metrics.jsonl)", file=sys.stderr)
+            return self._loop()
+
+    def _loop(self) -> dict:
         cfg = self.cfg
         bounds = _stage_bounds(cfg)
         bar = tqdm(total=cfg.total_steps, disable=not dist.is_main(), desc=cfg.preset, dynamic_ncols=True)
         last: dict = {}
-        if self.resume_from:
-            self.state = ckpt.load_checkpoint(self.resume_from, self.wrapped)
-            self._trim_metrics()
+        if self.bundle is not None:
+            self.state = ckpt.restore(self.bundle, self.wrapped)
             bar.update(self.state["step"])
-        for index, (stage, (start, end)) in enumerate(zip(cfg.stages, bounds)):
-            optimizer = make_optimizer(self.module, cfg, stage.lr)
-            if self.resume_from and start < self.state["step"] < end:  # stopped inside this stage
-                ckpt.load_optimizer(self.resume_from, self.wrapped, optimizer)
-            if self.state["step"] >= end:
-                continue
-            last = self._run_stage(index, stage, start, end, optimizer, bar)
-        bar.close()
+        try:
+            for index, (stage, (start, end)) in enumerate(zip(cfg.stages, bounds)):
+                optimizer = make_optimizer(self.module, cfg, stage.lr)
+                if self.bundle is not None and start < self.state["step"] < end:  # stopped inside this stage
+                    ckpt.restore_optimizer(self.bundle, self.wrapped, optimizer)
+                if self.state["step"] >= end:
+                    continue
+                last = self._run_stage(index, stage, start, end, optimizer, bar)
+        finally:
+            self.bundle = None
+            bar.close()
         dist.teardown()
         return last
 
     def _run_stage(self, index: int, stage: StageConfig, start: int, end: int, optimizer, bar) -> dict:
         cfg, state = self.cfg, self.state
-        loader = make_loader(self.source, cfg.data, stage.image_size, stage.batch_size, cfg.seed, state["position"],
+        micro = micro_batch(stage, dist.world_size(), cfg.grad_accum)  # stage.batch_size is the global batch
+        loader = make_loader(self.source, cfg.data, stage.image_size, micro, cfg.seed, state["position"],
                              cfg.model.decoder.max_len)
         it = iter(loader)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
@@ -173,10 +215,10 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             terms_sum: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                batch = self._next_batch(it, stage.batch_size)
+            for micro_step in range(cfg.grad_accum):
+                batch = self._next_batch(it, micro)
                 samples += batch["pixels"].shape[0]
-                sync = micro == cfg.grad_accum - 1 or not hasattr(self.wrapped, "no_sync")
+                sync = micro_step == cfg.grad_accum - 1 or not hasattr(self.wrapped, "no_sync")
                 with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), autocast:
                     terms = self.wrapped(_model_inputs(batch, self.device))
                 (terms["loss"] / cfg.grad_accum).backward()
@@ -200,7 +242,7 @@ class Trainer:
                 record = {"step": state["step"], "stage": index + 1, "lr": lr, **terms_sum,
                           "samples_per_s": samples * dist.world_size() / max(now - tick, 1e-9),
                           "seen": state["seen"], "skipped": sum(state["bad"].values()), "bad": dict(state["bad"]),
-                          "elapsed_s": state["elapsed"]}
+                          "bad_shards": self.bad_shards, "elapsed_s": state["elapsed"]}
                 self._log(record)
                 bar.set_postfix(loss=f"{terms_sum['loss']:.3f}", lr=f"{lr:.2e}")
                 tick, samples = now, 0

@@ -132,6 +132,24 @@ class RunLock:
             self._fd = None
 
 
+def check_unlocked(run: str | Path) -> None:
+    """RunLocked (naming the holder) when another process holds RUN; writes nothing (for checks before a run)."""
+    path = Path(run) / ".lock"
+    if not path.is_file():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        raise RunLocked(f"{run} is in use by {holder}: wait for it to finish or choose another folder") from None
+    finally:
+        os.close(fd)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """Records of a metrics.jsonl; a cut or unparsable last line (crash, full disk) is dropped, not fatal."""
     path = Path(path)

@@ -13,9 +13,22 @@ from encoder.data.synth import make_scene
 
 
 def write_synth_shards(out: str, n: int, seed: int = 0, size: int = 64, kinds=("shapes", "text", "chart"),
-                       per_shard: int = 1000) -> list[str]:
+                       per_shard: int = 1000, force: bool = False) -> list[str]:
+    """Shards of `n` built-in scenes into `out`, which must be new or empty; with `force`, the `shard-*.tar` files
+    already in it are removed first (nothing else there is touched), so no stale shard is ever mixed in."""
     if n <= 0 or per_shard <= 0:
         raise ValueError("--n and --per-shard must be positive")
+    from encoder.data.synth import KINDS
+
+    if not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"unknown scene kinds {sorted(set(kinds) - set(KINDS))}; choose from {', '.join(KINDS)}")
+    existing = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if existing and not force:
+        raise ValueError(f"{out} is not empty ({len(existing)} entries): choose a new folder, or pass --force to "
+                         f"replace the shard-*.tar files in it")
+    for name in existing:
+        if name.startswith("shard-") and name.endswith(".tar"):
+            os.remove(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
     pattern = os.path.join(out, "shard-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:

@@ -85,20 +85,26 @@ class _Entry:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """A directory (all *.tar in it), a glob, or a comma-separated list -> sorted shard paths."""
+    """A directory (all *.tar in it), a glob, or a comma-separated list -> sorted shard paths.
+
+    Names are taken literally first: a folder or file whose name holds `[`, `]`, `*` or `?` is never a pattern."""
     if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        paths = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
     else:
-        paths = sorted(p for part in spec.split(",") for p in glob.glob(part))
+        paths = sorted({p for part in spec.split(",") if part
+                        for p in ([part] if os.path.isfile(part) else glob.glob(part))})
     if not paths:
         raise FileNotFoundError(f"no webdataset shards found at {spec!r}")
     return paths
 
 
 class ShardSource:
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], entries: list[_Entry] | None = None, bad_shards: list[str] | None = None):
         self.paths = list(paths)
-        self.bad_shards: list[str] = []
+        self.bad_shards: list[str] = list(bad_shards or [])
+        if entries is not None:  # a rank's share of an already indexed source
+            self.entries = entries
+            return
         self.entries: list[_Entry] = []
         for path in self.paths:
             self._index(path)
@@ -119,7 +125,7 @@ class ShardSource:
                     elif ext in TEXT_EXTS and (entry.text is None or ext == "json"):
                         entry.text = (ext, member.offset_data, member.size)
         except (tarfile.TarError, OSError) as err:
-            log.warning("skipping unreadable shard %s (%s)", path, err)
+            log.warning("skipping unreadable shard %s (%s)", path, err)  # once: a source is indexed once
             self.bad_shards.append(path)
             if not samples:
                 return
@@ -147,23 +153,63 @@ class ShardSource:
     def split(self, rank: int, world: int) -> ShardSource:
         if len(self.paths) < world:
             raise ValueError(f"{len(self.paths)} shards cannot feed {world} processes: write more shards")
-        return ShardSource(self.paths[rank::world])
+        mine = set(self.paths[rank::world])
+        return ShardSource(self.paths[rank::world], [e for e in self.entries if e.path in mine], self.bad_shards)
+
+
+class SourceError(ValueError):
+    """A captions file that cannot be used as given (bad line, missing columns, paths leaving the folder)."""
 
 
 class FolderSource:
-    def __init__(self, root: str, captions: str, rows: list[dict] | None = None):
+    def __init__(self, root: str, captions: str, rows: list[dict] | None = None, outside: bool = False):
         self.root, self.captions = root, captions
         self.rows = rows if rows is not None else self._load_rows(captions)
+        if rows is None and not outside:
+            self._check_inside()
 
     @staticmethod
     def _load_rows(path: str) -> list[dict]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"captions file {path!r} not found")
         if path.endswith((".jsonl", ".json")):
-            with open(path) as f:
-                return [json.loads(line) for line in f if line.strip()]
+            rows = []
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        raise SourceError(f"{path}:{number}: not a JSON line") from None
+                    if not isinstance(row, dict):
+                        raise SourceError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                    rows.append(row)
+            return rows
         import pandas as pd
 
-        frame = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, keep_default_na=False)
+        try:
+            frame = pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path, keep_default_na=False)
+        except Exception as err:  # pandas / pyarrow raise many types for a broken file
+            raise SourceError(f"{path}: cannot be read as a table ({str(err).splitlines()[0][:200]})") from None
+        columns = set(frame.columns)
+        missing = [need for need in (("image", "file"), ("caption", "text")) if not columns & set(need)]
+        if missing:
+            names = " and ".join(" or ".join(repr(c) for c in need) for need in missing)
+            raise SourceError(f"{path}: no column {names} (found: {', '.join(map(str, frame.columns))})")
         return frame.to_dict("records")
+
+    def _check_inside(self) -> None:
+        """Image paths must stay in the image folder (no `..`, absolute paths or symlinks out of it)."""
+        root = os.path.realpath(self.root)
+        for number, row in enumerate(self.rows, 1):
+            name = str(row.get("image") or row.get("file") or "")
+            if not name:
+                continue
+            target = os.path.realpath(os.path.join(self.root, name))
+            if os.path.isabs(name) or os.path.commonpath([root, target]) != root:
+                raise SourceError(f"{self.captions}: row {number}: image path {name!r} leaves the image folder "
+                                  f"{self.root}; pass --data.captions_outside=true to allow it")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -190,7 +236,9 @@ def open_source(data_cfg, render_size: int = 64):
         kinds = tuple(k.strip() for k in data_cfg.kinds.split(",") if k.strip())
         source = SynthSource(data_cfg.synth_seed, data_cfg.synth_size, render_size, kinds, data_cfg.synth_max_groups)
     elif data_cfg.captions:
-        source = FolderSource(spec, data_cfg.captions)
+        if not os.path.isdir(spec):
+            raise FileNotFoundError(f"image folder {spec!r} not found")
+        source = FolderSource(spec, data_cfg.captions, outside=getattr(data_cfg, "captions_outside", False))
     else:
         source = ShardSource(expand_shards(spec))
     if data_cfg.fashion_mnist > 0:  # real images: the Fashion-MNIST train split (never the test split)

@@ -1,0 +1,134 @@
+"""The one checkpoint scheme of every training stage (pretraining, bridge stage 1 and 2).
+
+    RUN/checkpoints/step_0000100/
+        model.safetensors    weights (all of them, or the trainable ones for a bridge stage)
+        optimizer.pt         optimizer state (tensors and numbers only; read with weights_only=True)
+        trainer.json         step, data position, counters, and "files": {name: bytes} of the folder
+        rng_rank{R}.pt       each process's torch RNG state
+        config.yaml          the stage's config (a checkpoint folder is self-contained)
+
+Writing: every file goes into `step_N.tmp/`, each is fsynced, trainer.json (with the sizes) is written last, and
+the folder is renamed to `step_N` once. A crash leaves either the old checkpoints or the new one, never half of one.
+Reading: `newest(run, load)` tries the checkpoints newest first; one whose files are missing or cut (sizes differ
+from trainer.json) or that fails to load is reported on stderr and the next older one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+_STEP = re.compile(r"^step_(\d+)$")
+STATE = "trainer.json"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was expected; the message says what was found."""
+
+
+def step_path(run: str | Path, step: int) -> Path:
+    return Path(run) / "checkpoints" / f"step_{step:07d}"
+
+
+def list_checkpoints(run: str | Path) -> list[Path]:
+    """Completed checkpoint folders of a run, oldest first (temporary `.tmp` folders are not listed)."""
+    root = Path(run) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP.match(name)))
+    return [root / name for _, name in found]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def begin(run: str | Path, step: int) -> Path:
+    """A fresh temporary folder for the checkpoint of `step` (call on one process; others write into it after)."""
+    tmp = step_path(run, step).with_name(step_path(run, step).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, state: dict, keep_last: int | None = None) -> Path:
+    """Write trainer.json (state + file sizes), fsync everything, rename `step_N.tmp` -> `step_N` once, prune."""
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != STATE}
+    (tmp / STATE).write_text(json.dumps({**state, "files": files}, indent=1))
+    for name in (*files, STATE):
+        _fsync(tmp / name)
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    if final.exists():  # the same step written again (a resumed run re-saving it): the older ones stay intact
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    if keep_last:
+        for old in list_checkpoints(final.parent.parent)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def damage(path: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (missing or cut file), or None when it looks intact."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE).read_text())
+    except OSError:
+        return f"{STATE} is missing"
+    except ValueError:
+        return f"{STATE} is cut or not JSON"
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(files, dict):
+        return f"{STATE} lists no files"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def read_state(path: str | Path) -> dict:
+    """The trainer state saved in a checkpoint (without the file list)."""
+    state = json.loads((Path(path) / STATE).read_text())
+    state.pop("files", None)
+    return state
+
+
+def newest(run: str | Path, load: Callable[[Path], T] | None = None, *, say=None) -> tuple[Path, T] | None:
+    """(folder, load(folder)) of the newest intact checkpoint of `run`; None when the run has none at all.
+
+    A damaged one (cut file, or `load` raising) is reported through `say` (default: one line on stderr) and skipped;
+    CheckpointError when checkpoints exist but none is usable."""
+    say = say or (lambda line: print(line, file=sys.stderr))
+    found = list_checkpoints(run)
+    problems = []
+    for path in reversed(found):
+        reason = damage(path)
+        result = None
+        if reason is None:
+            try:
+                result = load(path) if load else None
+            except Exception as err:  # safetensors / torch.load / json raise many types for a damaged file
+                reason = f"cannot be read ({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})"
+        if reason is None:
+            if problems:
+                say(f"using checkpoint {path.name} (newer ones are damaged: {'; '.join(problems)})")
+            return path, result
+        problems.append(f"{path.name}: {reason}")
+        say(f"warning: checkpoint {path} is damaged ({reason}); trying an older one")
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {run}: {'; '.join(problems)}")
+    return None

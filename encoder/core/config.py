@@ -1,0 +1,175 @@
+"""The one config engine for any dataclass tree (TrainConfig, the bridge config, experiment files).
+
+    cfg = apply_overrides(cfg, ["--model.keep_ratio=0.25", "--stages.0.steps=50", "--seed=3"])
+    cfg = apply_tree(cfg, {"model": {"vit": {"width": 64}}, "stages": [{"steps": 5}]})   # YAML, nested
+    tree = read_yaml(path)                   # a mapping, or ConfigError
+
+A key is a dotted path (`model.vit.width`, `stages.1.lr`) or a leaf name that is unique in the tree (`keep_ratio`).
+Values are checked against the field's declared type (bool, int, float, str, optional); non-finite numbers, lists
+or mappings given for a number or a string, and unknown keys are ConfigError, which every command prints as one
+line and exits 2. A list of dataclasses (stages) is resized from YAML: new items copy the last one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the CLI prints it as one line and exits 2."""
+
+
+def leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted path: value} for every scalar in the config tree (list items as `.0`, `.1`, ...)."""
+    if dataclasses.is_dataclass(obj):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, list):
+        items = [(str(i), v) for i, v in enumerate(obj)]
+    else:
+        return {prefix: obj}
+    out = {}
+    for name, value in items:
+        out.update(leaves(value, f"{prefix}.{name}" if prefix else name))
+    return out
+
+
+def _declared(parent: Any, name: str) -> Any:
+    """The declared type of a field (None when unknown, e.g. a list item of scalars)."""
+    if dataclasses.is_dataclass(parent):
+        return typing.get_type_hints(type(parent)).get(name)
+    return None
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), type(None) in typing.get_args(tp)
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` (a string from the command line or a YAML scalar) as type `tp`, or ConfigError naming `key`."""
+    tp, optional = _unwrap_optional(tp)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))):
+        return None
+    if isinstance(value, (list, dict)) or value is None:
+        raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        if tp is int:
+            if number != int(number):
+                raise ConfigError(f"{key}: expected int, got {value!r}")
+            return int(number)
+        return number
+    return str(value)
+
+
+def resolve_key(cfg: Any, key: str) -> str:
+    """A dotted path or a unique leaf name -> the dotted path; ConfigError for an unknown or ambiguous key."""
+    paths = leaves(cfg)
+    if key in paths:
+        return key
+    matches = [path for path in paths if path.split(".")[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"ambiguous key {key!r}: say one of {', '.join(matches)}")
+    raise ConfigError(f"unknown config key {key!r}")
+
+
+def set_value(cfg: Any, key: str, value: Any) -> None:
+    path = resolve_key(cfg, key)
+    *parents, last = path.split(".")
+    obj = cfg
+    for part in parents:
+        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
+    old = obj[int(last)] if isinstance(obj, list) else getattr(obj, last)
+    tp = _declared(obj, last)
+    if tp is None or tp is Any:
+        tp = type(old) if old is not None else str
+    new = coerce(value, tp, path)
+    if isinstance(obj, list):
+        obj[int(last)] = new
+    else:
+        setattr(obj, last, new)
+
+
+def apply_overrides(cfg: Any, args: list[str]) -> Any:
+    """A copy of `cfg` with `--key=value` arguments applied."""
+    cfg = copy.deepcopy(cfg)
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"expected --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        set_value(cfg, key.replace("-", "_"), value)
+    return cfg
+
+
+def _merge(cfg: Any, tree: dict, prefix: str = "") -> None:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        parent = cfg
+        for part in prefix.rstrip(".").split(".") if prefix else ():
+            parent = parent[int(part)] if isinstance(parent, list) else getattr(parent, part, None)
+        current = getattr(parent, str(key), None) if dataclasses.is_dataclass(parent) else None
+        if isinstance(current, list) and current and dataclasses.is_dataclass(current[0]):
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{path}: expected a non-empty list of mappings, got {value!r}")
+            resized = [copy.deepcopy(current[i] if i < len(current) else current[-1]) for i in range(len(value))]
+            setattr(parent, str(key), resized)
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise ConfigError(f"{path}.{i}: expected a mapping of keys, got {item!r}")
+                _merge(cfg, item, f"{path}.{i}.")
+        elif isinstance(value, dict) and dataclasses.is_dataclass(current):
+            _merge(cfg, value, f"{path}.")
+        else:
+            set_value(cfg, path, value)
+
+
+def apply_tree(cfg: Any, tree: dict) -> Any:
+    """A copy of `cfg` with a nested mapping (from YAML) applied."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"expected a mapping of config keys, got {type(tree).__name__}")
+    cfg = copy.deepcopy(cfg)
+    _merge(cfg, tree)
+    return cfg
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML file that must hold a mapping (safe_load: no tags are ever run)."""
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a {type(tree).__name__}")
+    return tree

@@ -1,0 +1,90 @@
+"""Checks made before a training stage writes anything into its run folder.
+
+    check_out(out)                       --out must be a folder we can write (or create), with space left
+    check_resume(out, cfg, step)         a resume may not change what was already computed: the architecture and
+                                         the recipe must equal the saved config.yaml; only bookkeeping may differ
+    diff_configs(a, b) -> [(key, a, b)]  the differing leaves of two config dicts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from encoder.core.config import ConfigError
+
+MIN_FREE_MB = 64
+# keys a resume may change: how often it logs and saves, how it reads data, how it runs on the machine
+RESUME_SAFE = ("log_every", "ckpt_every", "keep_last", "nan_patience", "data.workers", "data.max_bad_fraction",
+               "loss_impl", "distributed", "progress", "save_every")
+
+
+def check_out(out: str | Path) -> None:
+    """ConfigError when `out` is a file, cannot be created or written, or sits on a (nearly) full disk."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {probe} is not writable")
+    free_mb = shutil.disk_usage(probe).free / 2**20
+    if free_mb < MIN_FREE_MB:
+        raise ConfigError(f"--out {out}: no space left on the device ({free_mb:.0f} MB free)")
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix: tree}
+    out = {}
+    for k, v in items:
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def diff_configs(saved: dict, now: dict) -> list[tuple[str, object, object]]:
+    a, b = _leaves(saved), _leaves(now)
+    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _safe(key: str) -> bool:
+    return key in RESUME_SAFE or key.split(".")[-1] in RESUME_SAFE
+
+
+def check_resume(out: str | Path, cfg, step: int, saved: dict | None = None) -> None:
+    """Compare `cfg` (a dataclass) with the run's saved config.yaml before anything is written.
+
+    Steps may grow (the run goes on longer) but never fall below the checkpoint's step; any other change of the
+    model or the recipe is an error that names the differing keys."""
+    now = dataclasses.asdict(cfg)
+    if saved is None:
+        path = Path(out) / "config.yaml"
+        if not path.is_file():
+            return
+        try:
+            saved = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            raise ConfigError(f"--resume: {path} is not valid YAML") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {out}/config.yaml does not hold a config")
+    changed = [d for d in diff_configs(saved, now) if not _safe(d[0])]
+    steps = [d for d in changed if d[0].split(".")[-1] == "steps"]
+    other = [d for d in changed if d not in steps]
+    if other:
+        model = [d for d in other if d[0].startswith("model.") or d[0] == "preset"]
+        what = "the architecture" if model else "the recipe"
+        listed = ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, a, b in (model or other)[:6])
+        raise ConfigError(f"--resume cannot change {what}: {listed}; resume without these overrides or use another "
+                          f"--out")
+    total = getattr(cfg, "total_steps", None)
+    if total is not None and total < step:
+        raise ConfigError(f"--resume: the checkpoint is at step {step} but the config has only {total} steps")

@@ -7,7 +7,10 @@ input_ids / attention_mask / labels [B,T] (labels -100 except answer tokens) and
 Built-in sets are drawn from `encoder.data.synth.make_scene(seed, index)`: every record is a pure function of
 (seed, index), so train and held-out splits come from disjoint seeds (TRAIN_SEED, HELDOUT_SEED).
     stage 1 (`SynthCaptions`): describe-the-image prompt -> the scene caption
-    stage 2 (`SynthInstructions`): short answers, yes/no, multiple choice, counting, reading text, chart values
+    stage 2 (`SynthInstructions`): short answers, yes/no, multiple choice, counting, reading text, chart values,
+            in every answer format the built-in benchmark suite asks for (benchmarks/suite), with its prompt suffixes
+Both skip every scene that `is_heldout` marks (held-out (colour, shape), (word, colour) and (bar colour, bar
+count) combinations): those scenes are reserved for the benchmark suite, so no suite image is ever trained on.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ TRAIN_SEED = 2024
 HELDOUT_SEED = 977_000_013
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."
+YESNO = " Please answer yes or no."
+TEXT_COLOURS = ("red", "blue", "black", "green", "purple")  # the colours encoder.data.synth writes words in
+CHART_COLOURS = ("blue", "red", "green", "orange", "purple")  # and fills bars with
+# (colour, shape) pairs no training scene contains: each colour once, each shape at least once
+HELDOUT_SHAPES = frozenset({("red", "star"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square"),
+                            ("orange", "triangle"), ("purple", "star"), ("black", "circle"), ("pink", "diamond")})
 CAPTION_PROMPTS = (
     "Describe the image briefly.",
     "What is in this picture?",
@@ -58,6 +67,30 @@ class LlavaJsonDataset(Dataset):
         return {"id": str(r.get("id", i)), "image": image, "conversations": r["conversations"]}
 
 
+def is_heldout(scene) -> bool:
+    """True for scenes reserved for evaluation: a held-out (colour, shape) group; a word in its held-out colour
+    ((word index + colour index) % 5 == 0); a chart whose (bar colour index + bar count) % 5 == 0. About a fifth
+    of text and chart scenes and a fifth of shape groups."""
+    from encoder.data.synth import WORDS
+
+    if scene.kind == "shapes":
+        return any((o["colour"], o["shape"]) in HELDOUT_SHAPES for o in scene.objects)
+    if scene.kind == "text":
+        return (WORDS.index(scene.meta["word"]) + TEXT_COLOURS.index(scene.meta["colour"])) % 5 == 0
+    return (CHART_COLOURS.index(scene.meta["colour"]) + len(scene.meta["values"])) % 5 == 0
+
+
+def training_scene(seed: int, index: int, size: int, kinds) -> object:
+    """The first scene at or after `index` (in steps of 1,000,003) that is not held out."""
+    from encoder.data.synth import make_scene
+
+    for attempt in range(1000):
+        scene = make_scene(seed, index + attempt * 1_000_003, size=size, kinds=kinds)
+        if not is_heldout(scene):
+            return scene
+    raise RuntimeError(f"no training scene of kinds {kinds} near index {index}")
+
+
 def _turns(question: str, answer: str) -> list[dict]:
     return [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]
 
@@ -72,9 +105,7 @@ class SynthCaptions(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        from encoder.data.synth import make_scene
-
-        scene = make_scene(self.seed, i, size=self.image_size, kinds=self.kinds)
+        scene = training_scene(self.seed, i, self.image_size, self.kinds)
         prompt = CAPTION_PROMPTS[np.random.default_rng([self.seed, i, 1]).integers(len(CAPTION_PROMPTS))]
         return {"id": f"cap-{self.seed}-{i}", "image": scene.image, "conversations": _turns(prompt, scene.caption)}
 
@@ -83,35 +114,97 @@ def _plural(shape: str) -> str:
     return shape + "s"
 
 
+def choice_question(question: str, answer: str, distractors: list[str], rng: np.random.Generator) -> tuple[str, str]:
+    """A lettered multiple-choice question (LLaVA's format) with the options shuffled -> (question, letter)."""
+    options = [answer] + list(distractors)
+    rng.shuffle(options)
+    body = "\n".join(f"{letter}. {opt}" for letter, opt in zip("ABCDE", options))
+    return f"{question}\n{body}{LETTER}", "ABCDE"[options.index(answer)]
+
+
+def _where(position: str) -> str:
+    return "in the centre" if position == "centre" else f"on the {position}" if position in ("left", "right") \
+        else f"at the {position}"
+
+
 def shape_questions(objects: list[dict], rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(type, question, answer) candidates about a shapes scene; only questions with one right answer."""
-    from encoder.data.synth import COLOURS, SHAPES
+    """(type, question, answer) candidates about a shapes scene; only questions with one right answer.
+
+    Formats: short answers (colour, shape, position, count), yes/no (plain and MME's "Please answer yes or no."),
+    lettered multiple choice over colours, shapes, positions and counts."""
+    from encoder.data.synth import COLOURS, POSITIONS, SHAPES
 
     out = []
     shapes = [o["shape"] for o in objects]
     colours = [o["colour"] for o in objects]
+    present = {(o["colour"], o["shape"]) for o in objects}
+
+    def pick(pool, k, exclude):
+        rest = [p for p in pool if p not in exclude]
+        return [str(p) for p in rng.choice(rest, min(k, len(rest)), replace=False)]
+
     for o in objects:
         if shapes.count(o["shape"]) == 1:
             out.append(("colour", f"What colour is the {o['shape']}?{SHORT}", o["colour"]))
-            options = [o["colour"]] + list(rng.choice([c for c in COLOURS if c != o["colour"]], 3, replace=False))
-            rng.shuffle(options)
-            letters = "ABCD"
-            body = "\n".join(f"{letter}. {opt}" for letter, opt in zip(letters, options))
-            out.append(("choice", f"What colour is the {o['shape']}?\n{body}{LETTER}",
-                        letters[options.index(o["colour"])]))
+            q, a = choice_question(f"What colour is the {o['shape']}?", o["colour"], pick(COLOURS, 3, colours), rng)
+            out.append(("choice", q, a))
+            wrong = str(rng.choice([c for c in COLOURS if c != o["colour"]]))
+            out.append(("yesno", f"Is the {o['shape']} {o['colour']}?{YESNO}{SHORT}", "Yes"))
+            out.append(("yesno", f"Is the {o['shape']} {wrong}?{YESNO}{SHORT}", "No"))
         if colours.count(o["colour"]) == 1:
             out.append(("shape", f"What shape is the {o['colour']} object?{SHORT}", o["shape"]))
             out.append(("position", f"Where is the {o['colour']} {o['shape']}?{SHORT}", o["position"]))
+            q, a = choice_question(f"What shape is the {o['colour']} object?", o["shape"], pick(SHAPES, 3, shapes), rng)
+            out.append(("choice", q, a))
+            taken = [p["position"] for p in objects]
+            q, a = choice_question(f"Where is the {o['colour']} {o['shape']}?", o["position"],
+                                   pick(POSITIONS, 3, taken), rng)
+            out.append(("choice", q, a))
+            wrong = str(rng.choice([p for p in POSITIONS if p not in taken]))
+            out.append(("yesno", f"Is the {o['colour']} {o['shape']} {_where(o['position'])}?{YESNO}{SHORT}", "Yes"))
+            out.append(("yesno", f"Is the {o['colour']} {o['shape']} {_where(wrong)}?{YESNO}{SHORT}", "No"))
         n = sum(p["count"] for p in objects if p["colour"] == o["colour"] and p["shape"] == o["shape"])
-        out.append(("count", f"How many {o['colour']} {_plural(o['shape'])} are there?{SHORT}", str(n)))
-    present = {(o["colour"], o["shape"]) for o in objects}
+        things = f"{o['colour']} {_plural(o['shape'])}"
+        out.append(("count", f"How many {things} are there?{SHORT}", str(n)))
+        q, a = choice_question(f"How many {things} are there?", str(n), [str(k) for k in range(1, 6) if k != n][:3],
+                               rng)
+        out.append(("choice", q, a))
+        wrong_n = int(rng.choice([k for k in (1, 2, 3, 4) if k != n]))
+        verb = "Is there" if n == 1 else "Are there"
+        out.append(("yesno", f"{verb} {n} {o['colour']} {o['shape'] if n == 1 else _plural(o['shape'])} in the image?"
+                             f"{YESNO}{SHORT}", "Yes"))
+        verb = "Is there" if wrong_n == 1 else "Are there"
+        out.append(("yesno", f"{verb} {wrong_n} {o['colour']} {o['shape'] if wrong_n == 1 else _plural(o['shape'])} "
+                             f"in the image?{YESNO}{SHORT}", "No"))
     o = objects[int(rng.integers(len(objects)))]
     out.append(("yesno", f"Is there a {o['colour']} {o['shape']} in the image?{SHORT}", "Yes"))
-    for _ in range(10):
-        c, s = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
-        if (c, s) not in present:
-            out.append(("yesno", f"Is there a {c} {s} in the image?{SHORT}", "No"))
-            break
+    out.append(("yesno", f"Is there a {o['colour']} {o['shape']} in this image?{YESNO}{SHORT}", "Yes"))
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    near = [(c, s) for c, s in absent if c in colours or s in shapes]  # POPE's adversarial kind of negative
+    for pool in (absent, near):
+        c, s = pool[int(rng.integers(len(pool)))]
+        out.append(("yesno", f"Is there a {c} {s} in the image?{SHORT}", "No"))
+        out.append(("yesno", f"Is there a {c} {s} in this image?{YESNO}{SHORT}", "No"))
+    return out
+
+
+def chart_questions(labels: list[str], values: list[int], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    out = [("chart", f"What is the value of bar {label}?{SHORT}", str(value)) for label, value in zip(labels, values)]
+    if values.count(max(values)) == 1:
+        best = labels[values.index(max(values))]
+        out.append(("chart_max", f"Which bar is the tallest?{SHORT}", best))
+        q, a = choice_question("Context: a bar chart.\nWhich bar has the largest value?", best,
+                               [lab for lab in labels if lab != best], rng)
+        out.append(("choice", q, a))
+    i, j = sorted(rng.choice(len(labels), 2, replace=False))
+    if values[i] != values[j]:
+        big = labels[i] if values[i] > values[j] else labels[j]
+        out.append(("chart_max", f"Which bar is taller, {labels[i]} or {labels[j]}?{SHORT}", big))
+        q, a = choice_question(f"Context: a bar chart.\nWhich bar has the larger value, {labels[i]} or {labels[j]}?",
+                               big, [labels[j] if big == labels[i] else labels[i]], rng)
+        out.append(("choice", q, a))
+        out.append(("yesno", f"Is bar {labels[i]} taller than bar {labels[j]}?{YESNO}{SHORT}",
+                    "Yes" if values[i] > values[j] else "No"))
     return out
 
 
@@ -120,14 +213,9 @@ def scene_questions(scene, rng: np.random.Generator) -> list[tuple[str, str, str
         return shape_questions(scene.objects, rng)
     if scene.kind == "text":
         return [("text", f"What word is written in the image?{SHORT}", scene.meta["word"]),
+                ("text", f"What is written in the image?{SHORT}", scene.meta["word"]),
                 ("text_colour", f"What colour is the text?{SHORT}", scene.meta["colour"])]
-    labels, values = scene.meta["labels"], scene.meta["values"]
-    out = []
-    for label, value in zip(labels, values):
-        out.append(("chart", f"What is the value of bar {label}?{SHORT}", str(value)))
-    if values.count(max(values)) == 1:
-        out.append(("chart_max", f"Which bar is the tallest?{SHORT}", labels[values.index(max(values))]))
-    return out
+    return chart_questions(scene.meta["labels"], scene.meta["values"], rng)
 
 
 class SynthInstructions(Dataset):
@@ -142,10 +230,8 @@ class SynthInstructions(Dataset):
         return self.n
 
     def item(self, i: int) -> dict:
-        from encoder.data.synth import make_scene
-
         for attempt in range(100):
-            scene = make_scene(self.seed, i + attempt * 1_000_003, size=self.image_size, kinds=self.kinds)
+            scene = training_scene(self.seed, i + attempt * 7_000_003, self.image_size, self.kinds)
             rng = np.random.default_rng([self.seed, i, 2, attempt])
             qs = [q for q in scene_questions(scene, rng) if self.types is None or q[0] in self.types]
             if qs:

@@ -1,0 +1,214 @@
+"""Files on disk -> pandas tables and plain dicts: everything the report shows, and nothing it computes.
+
+    RUN/experiment.yaml, RUN/run.json                        -> run["experiment"], run["provenance"]
+    RUN/results.csv (or results.parquet)                     -> run["results"]  (tidy: encoder, task, metric, value...)
+    RUN/encoders/<enc>/<stage>/status.json                   -> run["status"]   (encoder, stage, state, error, ...)
+    RUN/encoders/<enc>/eval/scores.json, samples/<task>.jsonl -> run["scores"], run["samples"]
+    RUN/encoders/<enc>/pretrain/metrics.jsonl, bridge/stage{1,2}/metrics.jsonl -> run["curves"]
+    RUN/encoders/<enc>/encoder_eval/result.json              -> run["encoder_eval"]
+    benchmarks/reference/<paper>.csv, benchmarks/results/cost_*.csv, kernels_cpu.md -> load_paper/load_cost/...
+
+Missing or unreadable files give empty tables: a report of a half-finished run must still build.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from encoder.core.runfolder import read_metrics, read_status
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO / "benchmarks" / "reference"
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+STAGES = ("pretrain", "export", "bridge", "eval", "encoder_eval")
+# built-in task -> (label in the report, the paper table's column)
+TASKS = {
+    "ov2_textvqa": ("TextVQA", "textvqa"), "ov2_chartqa": ("ChartQA", "chartqa"),
+    "ov2_ocrbench": ("OCRBench", "ocrbench"), "ov2_mme": ("MME-P", "mme_p"), "ov2_seed": ("SEED", "seed"),
+    "ov2_sqa": ("SQA", "sqa"), "ov2_gqa": ("GQA", "gqa"), "ov2_pope": ("POPE", "pope"),
+    "ov2_fashion": ("Fashion-MNIST MC", None),
+}
+ENCODER_TASKS = {"fmnist_probe": "linear probe", "fmnist_zeroshot": "zero-shot",
+                 "fmnist_probe_init": "random-init probe"}
+CURVES = {"pretrain": ("pretrain", "metrics.jsonl"), "bridge stage 1": ("bridge", "stage1/metrics.jsonl"),
+          "bridge stage 2": ("bridge", "stage2/metrics.jsonl")}
+RESULT_COLUMNS = ["experiment", "encoder", "task", "metric", "value", "stderr", "n", "chance", "seed"]
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    try:
+        return [row for row in read_metrics(path) if isinstance(row, dict)]
+    except (OSError, ValueError):
+        return []
+
+
+def read_results(run: Path) -> pd.DataFrame:
+    """The tidy results table (csv first, parquet when there is no csv); numbers as floats."""
+    table = pd.DataFrame(columns=RESULT_COLUMNS)
+    if (run / "results.csv").is_file():
+        table = pd.read_csv(run / "results.csv")
+    elif (run / "results.parquet").is_file():
+        table = pd.read_parquet(run / "results.parquet")
+    for col in RESULT_COLUMNS:
+        if col not in table.columns:
+            table[col] = None
+    for col in ("value", "stderr", "n", "chance"):
+        table[col] = pd.to_numeric(table[col], errors="coerce")
+    table["encoder"] = table["encoder"].astype(str)
+    table["task"] = table["task"].astype(str)
+    return table
+
+
+def experiment_encoders(experiment: dict) -> list[str]:
+    """Encoder names in the experiment's order (a list of dicts with `name`, a list of names, or a mapping)."""
+    encoders = experiment.get("encoders") or []
+    if isinstance(encoders, dict):
+        return [str(name) for name in encoders]
+    names = []
+    for item in encoders:
+        name = item.get("name") if isinstance(item, dict) else item
+        if name is not None:
+            names.append(str(name))
+    return names
+
+
+def encoder_family(experiment: dict, name: str) -> str:
+    """The encoder's preset or family as written in the experiment ('' when unknown)."""
+    for item in experiment.get("encoders") or []:
+        if isinstance(item, dict) and str(item.get("name")) == name:
+            return str(item.get("family") or item.get("preset") or "")
+    return ""
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Everything on disk about one run folder (see the module docstring)."""
+    run = Path(run_dir)
+    experiment = _yaml(run / "experiment.yaml")
+    results = read_results(run)
+    enc_root = run / "encoders"
+    found = sorted(p.name for p in enc_root.iterdir() if p.is_dir()) if enc_root.is_dir() else []
+    order = experiment_encoders(experiment)
+    encoders = order + [e for e in found + list(dict.fromkeys(results["encoder"])) if e not in order]
+    encoders = list(dict.fromkeys(encoders))
+
+    status, samples, curves, scores, enc_eval, configs = [], [], [], {}, {}, {}
+    for enc in encoders:
+        folder = enc_root / enc
+        for stage in STAGES:
+            st = read_status(folder / stage)
+            if st is not None:
+                status.append({"encoder": enc, "stage": stage, **{k: st.get(k) for k in
+                               ("state", "error", "wall_s", "peak_rss_mb", "started", "finished", "key")}})
+            for name in ("config.yaml", "stage1/config.yaml", "stage2/config.yaml"):
+                if (folder / stage / name).is_file():
+                    configs[(enc, f"{stage}/{name}")] = (folder / stage / name).read_text(errors="replace")
+        scores[enc] = _json(folder / "eval" / "scores.json")
+        sample_dir = folder / "eval" / "samples"
+        for path in sorted(sample_dir.glob("*.jsonl")) if sample_dir.is_dir() else []:
+            for row in _jsonl(path):
+                samples.append({"encoder": enc, "task": path.stem, **row})
+        for label, (stage, rel) in CURVES.items():
+            for row in _jsonl(folder / stage / rel):
+                t = row.get("elapsed_s", row.get("seconds"))
+                curves.append({"encoder": enc, "curve": label, "step": row.get("step"), "loss": row.get("loss"),
+                               "seconds": t})
+        enc_eval[enc] = _json(folder / "encoder_eval" / "result.json")
+
+    sample_cols = ["encoder", "task", "doc_id", "question", "target", "prediction", "score", "type"]
+    samples = pd.DataFrame(samples)
+    for col in sample_cols:
+        if col not in samples.columns:
+            samples[col] = None
+    samples["score"] = pd.to_numeric(samples["score"], errors="coerce")
+    curves = pd.DataFrame(curves, columns=["encoder", "curve", "step", "loss", "seconds"])
+    for col in ("step", "loss", "seconds"):
+        curves[col] = pd.to_numeric(curves[col], errors="coerce")
+    return {
+        "dir": run, "name": str(experiment.get("name") or run.name), "experiment": experiment,
+        "provenance": _json(run / "run.json"), "results": results, "encoders": encoders,
+        "status": pd.DataFrame(status, columns=["encoder", "stage", "state", "error", "wall_s", "peak_rss_mb",
+                                                "started", "finished", "key"]),
+        "samples": samples[sample_cols], "scores": scores, "curves": curves.dropna(subset=["step", "loss"]),
+        "encoder_eval": {k: v for k, v in enc_eval.items() if v}, "configs": configs, "data_dir": run / "data",
+    }
+
+
+def load_paper(name: str | None, reference_dir: Path = REFERENCE_DIR) -> pd.DataFrame | None:
+    """The paper table the experiment names (`paper: <name>`), or None when none is named or the file is absent."""
+    if not name:
+        return None
+    path = Path(reference_dir) / f"{Path(str(name)).stem}.csv"
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
+
+
+def load_cost(results_dir: Path = RESULTS_DIR) -> pd.DataFrame | None:
+    """The cost benchmark's tables (benchmarks/results/cost_*.csv) stacked, with a `source` column; None if none."""
+    frames = []
+    for path in sorted(Path(results_dir).glob("cost_*.csv")):
+        try:
+            frames.append(pd.read_csv(path).assign(source=path.stem))
+        except (OSError, ValueError):
+            continue
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def load_markdown_tables(path: Path) -> list[dict]:
+    """A markdown file as blocks: {"text": paragraph} or {"table": DataFrame} (pipe tables only)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    blocks, table, para = [], [], []
+
+    def flush():
+        if table:
+            header = [c.strip() for c in table[0].strip().strip("|").split("|")]
+            body = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table[2:]]
+            body = [(row + [""] * len(header))[:len(header)] for row in body]
+            blocks.append({"table": pd.DataFrame(body, columns=header)})
+            table.clear()
+        if para:
+            blocks.append({"text": " ".join(para).lstrip("# ").strip(), "heading": para[0].startswith("#")})
+            para.clear()
+
+    for line in lines:
+        if line.strip().startswith("|"):
+            if para:
+                flush()
+            table.append(line)
+        elif not line.strip():
+            flush()
+        else:
+            if table:
+                flush()
+            if line.startswith("#"):
+                flush()
+            para.append(line.strip())
+            if line.startswith("#"):
+                flush()
+    flush()
+    return blocks

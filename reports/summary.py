@@ -1,0 +1,158 @@
+"""The summary: encoders x tasks in the paper's style, the paired differences from the reference encoder, one sentence.
+
+A column is shown in % when all its values (and its chance) lie in [0, 1] (accuracies), else as a score with one
+decimal (MME). The reference row is OpenVision 2 (the encoder named or preset `ov2...`; else the first encoder).
+Differences come from the per-question scores (reports/stats.py), in percentage points of questions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from reports.collect import ENCODER_TASKS, TASKS, encoder_family
+from reports.stats import paired_differences
+
+
+def _num(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def task_label(task: str) -> str:
+    return TASKS.get(task, (task, None))[0]
+
+
+def reference_encoder(run: dict) -> str | None:
+    encoders = run["encoders"]
+    for name in encoders:
+        if name.lower().startswith("ov2") or encoder_family(run["experiment"], name).lower().startswith("ov2"):
+            return name
+    return encoders[0] if encoders else None
+
+
+def primary_rows(run: dict) -> pd.DataFrame:
+    """One row per (encoder, task) of the LLaVA tasks: the primary metric, averaged over seeds."""
+    res = run["results"]
+    res = res[~res["task"].isin(list(ENCODER_TASKS))]
+    if res.empty:
+        return res.assign(percent=[])
+    keep = []
+    for (enc, task), group in res.groupby(["encoder", "task"], sort=False):
+        primary = ((run["scores"].get(enc) or {}).get("tasks") or {}).get(task, {}).get("primary")
+        metrics = list(dict.fromkeys(group["metric"]))
+        metric = primary if primary in metrics else metrics[0]
+        rows = group[group["metric"] == metric]
+        keep.append({"encoder": enc, "task": task, "metric": metric, "value": rows["value"].mean(),
+                     "stderr": rows["stderr"].mean() if len(rows) == 1 else rows["value"].std(ddof=1) /
+                     math.sqrt(len(rows)), "chance": rows["chance"].mean(), "n": rows["n"].max(),
+                     "seeds": len(rows)})
+    return pd.DataFrame(keep)
+
+
+def _fmt(x: float | None, percent: bool, sign: bool = False) -> str:
+    if x is None:
+        return "—"
+    x = x * 100 if percent else x
+    return f"{x:+.1f}" if sign else f"{x:.1f}"
+
+
+def build_summary(run: dict) -> dict:
+    """Columns, rows (cells with display text and flags), the chance row, the differences, and a sentence."""
+    prim = primary_rows(run)
+    order = [t for t in TASKS if t in set(prim.get("task", []))]
+    tasks = order + [t for t in dict.fromkeys(prim.get("task", [])) if t not in order]
+    # every encoder of the run gets a row: one whose bridge failed shows dashes rather than vanishing
+    encoders = list(run["encoders"]) + [e for e in dict.fromkeys(prim.get("encoder", [])) if e not in run["encoders"]]
+    ref = reference_encoder(run)
+    columns = []
+    for task in tasks:
+        col = prim[prim["task"] == task]
+        values = [v for v in list(col["value"]) + list(col["chance"]) if _num(v) is not None]
+        percent = all(0.0 <= v <= 1.0 for v in values)
+        best = col["value"].max() if col["value"].notna().any() else None
+        chance = _num(col["chance"].dropna().iloc[0]) if col["chance"].notna().any() else None
+        columns.append({"task": task, "label": task_label(task), "percent": percent, "metric": col["metric"].iloc[0],
+                        "unit": "%" if percent else "score", "best": best, "chance": chance,
+                        "chance_text": _fmt(chance, percent), "n": _num(col["n"].max())})
+
+    diffs = paired_differences(run["samples"], ref) if ref else pd.DataFrame()
+    rows = []
+    for enc in encoders:
+        cells = []
+        for column in columns:
+            hit = prim[(prim["encoder"] == enc) & (prim["task"] == column["task"])]
+            value = _num(hit["value"].iloc[0]) if len(hit) else None
+            stderr = _num(hit["stderr"].iloc[0]) if len(hit) else None
+            cell = {"value": value, "stderr": stderr, "text": _fmt(value, column["percent"]),
+                    "stderr_text": _fmt(stderr, column["percent"]) if stderr is not None else "",
+                    "best": value is not None and column["best"] is not None and value == column["best"]}
+            d = diffs[(diffs["encoder"] == enc) & (diffs["task"] == column["task"])] if len(diffs) else diffs
+            if enc != ref and len(d) and d["n"].iloc[0] > 0:
+                r = d.iloc[0]
+                cell["diff"] = {"text": f"{r['diff'] * 100:+.1f}", "lo": f"{r['lo'] * 100:+.1f}",
+                                "hi": f"{r['hi'] * 100:+.1f}", "n": int(r["n"]), "significant": bool(r["significant"]),
+                                "sign": "up" if r["diff"] > 0 else "down"}
+            cells.append(cell)
+        rows.append({"encoder": enc, "reference": enc == ref, "cells": cells})
+    return {"columns": columns, "rows": rows, "reference": ref, "diffs": diffs,
+            "sentence": _sentence(rows, columns, ref, run)}
+
+
+def _sentence(rows: list[dict], columns: list[dict], ref: str | None, run: dict) -> str:
+    if not rows:
+        return "No evaluation results were found in this run folder."
+    wins = {r["encoder"]: sum(c["best"] for c in r["cells"]) for r in rows}
+    leader = max(wins, key=wins.get)
+    parts = [f"{leader} has the best score on {wins[leader]} of {len(columns)} tasks"]
+    for r in rows:
+        if r["reference"]:
+            continue
+        diffs = [c["diff"] for c in r["cells"] if "diff" in c]
+        if not diffs:
+            continue
+        up = sum(d["significant"] and d["sign"] == "up" for d in diffs)
+        down = sum(d["significant"] and d["sign"] == "down" for d in diffs)
+        parts.append(f"{r['encoder']} is reliably better than {ref} on {up} and worse on {down} of {len(diffs)} "
+                     f"tasks ({len(diffs) - up - down} within noise)")
+    text = "; ".join(parts) + " (95% paired bootstrap over the same questions)."
+    broken = sorted({s for s in run["status"].loc[run["status"]["state"].isin(["failed", "interrupted"]),
+                                                  "encoder"]})
+    if broken:
+        text += f" Stages failed for {', '.join(broken)}: see Failures."
+    return text
+
+
+def build_comparison(a: dict, b: dict) -> dict:
+    """Two runs side by side: per encoder and task, A's value, B's value, and B - A with a paired bootstrap over the
+    questions both runs answered (same doc_id), in the table's unit."""
+    from reports.stats import paired_bootstrap
+
+    sa, sb = build_summary(a), build_summary(b)
+    cols_b = {c["task"]: i for i, c in enumerate(sb["columns"])}
+    rows_b = {r["encoder"]: r for r in sb["rows"]}
+    rows = []
+    for ra in sa["rows"]:
+        rb = rows_b.get(ra["encoder"])
+        for i, col in enumerate(sa["columns"]):
+            ca = ra["cells"][i]
+            cb = rb["cells"][cols_b[col["task"]]] if rb is not None and col["task"] in cols_b else None
+            row = {"encoder": ra["encoder"], "task": col["label"], "a": ca["text"], "b": cb["text"] if cb else "—",
+                   "diff": "—", "ci": "", "significant": False}
+            if cb and ca["value"] is not None and cb["value"] is not None:
+                scale = 100.0 if col["percent"] else 1.0
+                row["diff"] = f"{(cb['value'] - ca['value']) * scale:+.1f}"
+                pa = a["samples"][(a["samples"]["encoder"] == ra["encoder"]) & (a["samples"]["task"] == col["task"])]
+                pb = b["samples"][(b["samples"]["encoder"] == ra["encoder"]) & (b["samples"]["task"] == col["task"])]
+                both = pa[["doc_id", "score"]].merge(pb[["doc_id", "score"]], on="doc_id").dropna()
+                if len(both):
+                    r = paired_bootstrap(both["score_x"], both["score_y"])
+                    row["ci"] = f"[{r['lo'] * 100:+.1f}, {r['hi'] * 100:+.1f}] pp, {r['n']} questions"
+                    row["significant"] = r["significant"]
+            rows.append(row)
+    return {"a": a["name"], "b": b["name"], "a_dir": str(a["dir"]), "b_dir": str(b["dir"]), "rows": rows,
+            "summary_b": sb}

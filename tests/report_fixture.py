@@ -1,0 +1,158 @@
+"""A hand-made, realistic `ov2 run` folder for the report tests (no training: every file written directly).
+
+    write_run(root, encoders=("ov2", "ov1", "clip"), failed=("clip", "bridge"), n=24) -> RUN
+
+Per encoder: pretrain/ (metrics.jsonl with elapsed_s, config.yaml), export/, bridge/ (stage1 + stage2 metrics.jsonl
+with cumulative seconds, summary.json), eval/ (scores.json, samples/<task>.jsonl for all nine built-in tasks),
+encoder_eval/result.json; each with status.json. The `failed` stage gets state failed with an error line and the
+stages after it that need it (export -> bridge -> eval) state skipped. RUN/results.csv is computed from the samples,
+so the summary, the samples and the results agree as a real run's would. RUN/data/<task>/ holds small PIL images
+(datasets.save_to_disk, doc_id = row index) with question/answer columns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image, ImageDraw
+
+# task -> (primary metric, chance, per-question types, answers to draw from)
+TASKS = {
+    "ov2_textvqa": ("exact_match", 0.0, ["word"], ["cat", "stop", "blue", "open", "exit"]),
+    "ov2_chartqa": ("relaxed_overall", 0.0, ["bar", "line"], ["3", "7", "12", "20"]),
+    "ov2_ocrbench": ("ocrbench_accuracy", 0.0, ["text"], ["ov2", "hello", "42", "zebra"]),
+    "ov2_mme": ("mme_perception_score", 300.0, ["existence", "count", "position", "color"], ["yes", "no"]),
+    "ov2_seed": ("seed_all", 0.25, ["colour", "shape", "count"], ["A", "B", "C", "D"]),
+    "ov2_sqa": ("exact_match", 0.25, ["science"], ["A", "B", "C", "D"]),
+    "ov2_gqa": ("exact_match", 0.125, ["colour", "shape", "position"], ["red", "green", "left", "circle"]),
+    "ov2_pope": ("pope_accuracy", 0.5, ["random", "popular", "adversarial"], ["yes", "no"]),
+    "ov2_fashion": ("accuracy", 0.1, ["clothing"], ["A", "B", "C", "D", "E", "F", "G", "H", "I", "J"]),
+}
+SKILL = {"ov2": 0.62, "ov1": 0.55, "clip": 0.45}
+COLOURS = [(220, 60, 60), (60, 160, 80), (50, 90, 200), (230, 180, 40), (150, 70, 170)]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _status(folder: Path, state: str, error: str | None = None, wall: float = 1.0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    status = {"state": state, "key": "0123456789abcdef", "error": error, "wall_s": wall, "peak_rss_mb": 812.5,
+              "started": "2026-11-29T09:00:00+00:00", "finished": "2026-11-29T09:05:00+00:00"}
+    (folder / "status.json").write_text(json.dumps(status))
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (48, 48), (245, 245, 240))
+    draw = ImageDraw.Draw(img)
+    x, y = rng.integers(4, 24, size=2)
+    colour = COLOURS[seed % len(COLOURS)]
+    if seed % 2:
+        draw.ellipse([x, y, x + 20, y + 20], fill=colour)
+    else:
+        draw.rectangle([x, y, x + 20, y + 20], fill=colour)
+    return img
+
+
+def write_data(run: Path, n: int) -> dict:
+    """RUN/data/<task>/ for every task; returns {task: (questions, answers, types)}."""
+    from datasets import Dataset
+
+    truth = {}
+    for t, (task, (_, _, types, answers)) in enumerate(TASKS.items()):
+        questions = [f"Question {i} of {task}: what is shown?" for i in range(n)]
+        if task == "ov2_textvqa":
+            questions[0] = "Which tag is written: <b>bold</b> or <i>italic</i>?"
+        truth[task] = (questions, [answers[(i * 7 + t) % len(answers)] for i in range(n)],
+                       [types[i % len(types)] for i in range(n)])
+        Dataset.from_dict({"image": [_image(i + 10 * t) for i in range(n)], "question": questions,
+                           "answer": truth[task][1]}).save_to_disk(str(run / "data" / task))
+    return truth
+
+
+def write_run(root: str | Path, encoders=("ov2", "ov1", "clip"), failed: tuple[str, str] | None = ("clip", "bridge"),
+              n: int = 24, seed: int = 0, with_data: bool = True) -> Path:
+    run = Path(root)
+    run.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    truth = write_data(run, n) if with_data else {
+        task: ([f"q{i}" for i in range(n)], [a[i % len(a)] for i in range(n)], [ty[i % len(ty)] for i in range(n)])
+        for task, (_, _, ty, a) in TASKS.items()}
+    experiment = {"name": "default", "paper": "llava15_openvision2",
+                  "encoders": [{"name": e, "preset": f"{str(e).split('-')[0]}-tiny"} for e in encoders],
+                  "bridge": {"recipe": "ov2-tiny", "llm": "smollm2-135m"}, "tasks": list(TASKS), "seeds": [seed]}
+    (run / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
+    (run / "run.json").write_text(json.dumps({
+        "started": "2026-11-29T09:00:00+00:00", "finished": "2026-11-29T10:12:00+00:00", "git": "3070737abc",
+        "versions": {"torch": "2.13.0", "transformers": "5.24.0", "lmms_eval": "0.7.3"},
+        "machine": {"cpu": "x86_64", "cores": 2, "memory_gb": 24.0, "gpu": None}, "argv": ["ov2", "run"]}))
+    rows = []
+    order = ["pretrain", "export", "bridge", "eval"]
+    for k, enc in enumerate(encoders):
+        folder = run / "encoders" / str(enc)
+        fail_at = order.index(failed[1]) if failed and failed[0] == enc and failed[1] in order else None
+        for i, stage in enumerate(order):
+            if fail_at is None or i < fail_at:
+                _status(folder / stage, "ok", wall=10.0 * (i + 1))
+            elif i == fail_at:
+                _status(folder / stage, "failed", error=f"RuntimeError: {stage} of {enc} ran out of memory at step 7")
+            else:
+                _status(folder / stage, "skipped", error=f"needs {order[fail_at]}, which failed")
+        skill = SKILL.get(str(enc).split("-")[0], 0.5)
+        (folder / "pretrain" / "config.yaml").write_text(yaml.safe_dump({"preset": f"{enc}-tiny", "steps": 40}))
+        _jsonl(folder / "pretrain" / "metrics.jsonl", [
+            {"step": s, "stage": 1, "loss": 9.0 * np.exp(-s / (60 + 20 * k)) + 1.0, "elapsed_s": 0.9 * s * (1 + k / 4)}
+            for s in range(10, 410, 10)])
+        stages = ("stage1", "stage2") if fail_at is None or fail_at > 2 else ("stage1",)
+        for j, st in enumerate(stages):
+            steps = 30 if st == "stage1" else 80
+            steps = 7 if fail_at == 2 else steps
+            _jsonl(folder / "bridge" / st / "metrics.jsonl", [
+                {"stage": j + 1, "step": s, "loss": 4.0 * np.exp(-s / (25 + 5 * j)) + 1.2 + 0.1 * k, "seconds": 1.1 * s}
+                for s in range(1, steps + 1)])
+        if fail_at is None:
+            summary = {"stage1": {"steps": 30}, "stage2": {"steps": 80}}
+            (folder / "bridge" / "summary.json").write_text(json.dumps(summary))
+            tasks = {}
+            for task, (metric, chance, _, answers) in TASKS.items():
+                questions, targets, types = truth[task]
+                correct = rng.random(n) < skill + (chance if chance <= 1 else 0.3) * 0.5
+                preds = [t if c else answers[(answers.index(t) + 1) % len(answers)] for t, c in zip(targets, correct)]
+                if task == "ov2_textvqa":  # an answer with markup, on a question where the encoders disagree
+                    correct[0] = k != 0
+                    preds[0] = targets[0] if k else "<img src=x onerror=alert(2)> <b>bold</b>"
+                score = correct.astype(float)
+                _jsonl(folder / "eval" / "samples" / f"{task}.jsonl", [
+                    {"doc_id": i, "question": questions[i], "target": targets[i], "prediction": preds[i],
+                     "score": score[i], "type": types[i]} for i in range(n)])
+                if task == "ov2_mme":
+                    value, stderr = 100.0 * sum(score[[i for i in range(n) if types[i] == ty]].mean() * 1.5
+                                                for ty in TASKS[task][2]), None
+                else:
+                    value, stderr = float(score.mean()), float(score.std(ddof=1) / np.sqrt(n))
+                tasks[task] = {"status": "ok", "error": None, "primary": metric,
+                               "metrics": {metric: {"value": value, "stderr": stderr}}, "n": n, "chance": chance,
+                               "wall_s": 3.0}
+                rows.append({"experiment": "default", "encoder": enc, "task": task, "metric": metric, "value": value,
+                             "stderr": stderr, "n": n, "chance": chance, "seed": seed})
+                rows.append({"experiment": "default", "encoder": enc, "task": task, "metric": "wall_s",
+                             "value": 3.0, "stderr": None, "n": n, "chance": None, "seed": seed})
+            (folder / "eval" / "scores.json").write_text(json.dumps(
+                {"model": str(folder / "bridge" / "model"), "data_dir": str(run / "data"), "tasks": tasks}))
+        probe, zero, floor = 0.55 + 0.1 * skill, 0.2 + 0.2 * skill, 0.41
+        _status(folder / "encoder_eval", "ok", wall=20.0)
+        (folder / "encoder_eval" / "result.json").write_text(json.dumps({
+            "family": str(enc), "linear_probe_acc": probe, "zero_shot_acc": zero,
+            "random_init_linear_probe_acc": floor, "chance": 0.1, "n_train": 2000, "n_test": 1000}))
+        for task, value in (("fmnist_probe", probe), ("fmnist_zeroshot", zero), ("fmnist_probe_init", floor)):
+            rows.append({"experiment": "default", "encoder": enc, "task": task, "metric": "accuracy", "value": value,
+                         "stderr": float(np.sqrt(value * (1 - value) / 1000)), "n": 1000, "chance": 0.1, "seed": seed})
+    pd.DataFrame(rows).to_csv(run / "results.csv", index=False)
+    return run

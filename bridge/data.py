@@ -114,6 +114,11 @@ def _plural(shape: str) -> str:
     return shape + "s"
 
 
+def an(word: str) -> str:
+    """"a red", "an orange"."""
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 def choice_question(question: str, answer: str, distractors: list[str], rng: np.random.Generator) -> tuple[str, str]:
     """A lettered multiple-choice question (LLaVA's format) with the options shuffled -> (question, letter)."""
     options = [answer] + list(distractors)
@@ -177,14 +182,14 @@ def shape_questions(objects: list[dict], rng: np.random.Generator) -> list[tuple
         out.append(("yesno", f"{verb} {wrong_n} {o['colour']} {o['shape'] if wrong_n == 1 else _plural(o['shape'])} "
                              f"in the image?{YESNO}{SHORT}", "No"))
     o = objects[int(rng.integers(len(objects)))]
-    out.append(("yesno", f"Is there a {o['colour']} {o['shape']} in the image?{SHORT}", "Yes"))
-    out.append(("yesno", f"Is there a {o['colour']} {o['shape']} in this image?{YESNO}{SHORT}", "Yes"))
+    out.append(("yesno", f"Is there {an(o['colour'])} {o['shape']} in the image?{SHORT}", "Yes"))
+    out.append(("yesno", f"Is there {an(o['colour'])} {o['shape']} in this image?{YESNO}{SHORT}", "Yes"))
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
     near = [(c, s) for c, s in absent if c in colours or s in shapes]  # POPE's adversarial kind of negative
     for pool in (absent, near):
         c, s = pool[int(rng.integers(len(pool)))]
-        out.append(("yesno", f"Is there a {c} {s} in the image?{SHORT}", "No"))
-        out.append(("yesno", f"Is there a {c} {s} in this image?{YESNO}{SHORT}", "No"))
+        out.append(("yesno", f"Is there {an(c)} {s} in the image?{SHORT}", "No"))
+        out.append(("yesno", f"Is there {an(c)} {s} in this image?{YESNO}{SHORT}", "No"))
     return out
 
 

@@ -1,0 +1,80 @@
+"""What every generator shares: the stream of held-out scenes, answer quotas, and the record layout.
+
+A record (one row of a task's dataset): {"id", "image_id", "image" (PIL), "question" (without the suffix),
+"answer", "type"}. Generators draw candidates from `heldout_scenes(seed, kind)` (scenes no training set contains)
+and keep them under per-answer quotas (`balanced`), so every answer is equally frequent; `interleave` orders the
+rows round-robin over answers so that the first N rows (lmms-eval's --limit) are balanced as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Iterator
+
+import numpy as np
+
+MAX_DRAWS = 200_000
+
+
+def heldout_scenes(seed: int, kind: str, size: int = 64, min_groups: int = 1) -> Iterator[tuple[int, object]]:
+    """(index, scene) for every scene of `make_scene(seed, index, kinds=(kind,))` that `is_heldout` reserves
+    (for shapes: with at least `min_groups` groups)."""
+    from bridge.data import is_heldout
+    from encoder.data.synth import make_scene
+
+    for index in range(MAX_DRAWS):
+        scene = make_scene(seed, index, size=size, kinds=(kind,))
+        if is_heldout(scene) and (kind != "shapes" or len(scene.objects) >= min_groups):
+            yield index, scene
+    raise RuntimeError(f"fewer held-out {kind} scenes than asked in {MAX_DRAWS} draws of seed {seed}")
+
+
+def quotas(n: int, groups: dict[str, tuple[float, list[Hashable]]]) -> dict[Hashable, int]:
+    """n split over groups by weight, then evenly over each group's keys (remainders to the first keys)."""
+    names = list(groups)
+    weights = np.array([groups[g][0] for g in names], dtype=float)
+    sizes = np.floor(n * weights / weights.sum()).astype(int)
+    sizes[: n - sizes.sum()] += 1
+    out: dict[Hashable, int] = {}
+    for g, size in zip(names, sizes):
+        keys = groups[g][1]
+        for i, key in enumerate(keys):
+            out[key] = int(size) // len(keys) + (1 if i < int(size) % len(keys) else 0)
+    return out
+
+
+def balanced(candidates: Iterable[dict], quota: dict[Hashable, int], key: Callable[[dict], Hashable]) -> list[dict]:
+    """Candidates kept while their key's quota lasts, until every quota is met."""
+    left = dict(quota)
+    need = sum(left.values())
+    out = []
+    for record in candidates:
+        k = key(record)
+        if left.get(k, 0) > 0:
+            left[k] -= 1
+            out.append(record)
+            if len(out) == need:
+                return out
+    raise RuntimeError(f"candidates ran out with quotas left: { {k: v for k, v in left.items() if v} }")
+
+
+def interleave(records: list[dict], key: Callable[[dict], Hashable]) -> list[dict]:
+    """Round-robin over keys (in first-seen order), each key's records in their order; ids renumbered."""
+    groups: dict[Hashable, list[dict]] = {}
+    for r in records:
+        groups.setdefault(key(r), []).append(r)
+    out = []
+    while any(groups.values()):
+        for k in list(groups):
+            if groups[k]:
+                out.append(groups[k].pop(0))
+    for i, r in enumerate(out):
+        r["id"] = i
+    return out
+
+
+def lettered(question: str, answer: str, distractors: list[str], slot: int) -> tuple[str, str]:
+    """The question with options "A. ..." one per line, the right one at position `slot` -> (text, letter)."""
+    options = list(distractors)
+    options.insert(slot, answer)
+    body = "\n".join(f"{letter}. {opt}" for letter, opt in zip("ABCDE", options))
+    return f"{question}\n{body}", "ABCDE"[slot]

@@ -14,6 +14,7 @@ Missing or unreadable files give empty tables: a report of a half-finished run m
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -101,6 +102,11 @@ def encoder_family(experiment: dict, name: str) -> str:
     return ""
 
 
+def encoder_dir(name: str) -> str:
+    """The folder name of an encoder under RUN/encoders/: its name, with anything but [A-Za-z0-9._-] as '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+
+
 def load_run(run_dir: str | Path) -> dict:
     """Everything on disk about one run folder (see the module docstring)."""
     run = Path(run_dir)
@@ -109,12 +115,14 @@ def load_run(run_dir: str | Path) -> dict:
     enc_root = run / "encoders"
     found = sorted(p.name for p in enc_root.iterdir() if p.is_dir()) if enc_root.is_dir() else []
     order = experiment_encoders(experiment)
-    encoders = order + [e for e in found + list(dict.fromkeys(results["encoder"])) if e not in order]
+    named = {encoder_dir(e) for e in order}
+    encoders = order + [e for e in found + list(dict.fromkeys(results["encoder"])) if e not in order and e not in named]
     encoders = list(dict.fromkeys(encoders))
 
     status, samples, curves, scores, enc_eval, configs = [], [], [], {}, {}, {}
     for enc in encoders:
-        folder = enc_root / enc
+        plain = "/" not in enc and enc not in (".", "..") and (enc_root / enc).is_dir()
+        folder = enc_root / enc if plain else enc_root / encoder_dir(enc)
         for stage in STAGES:
             st = read_status(folder / stage)
             if st is not None:

@@ -13,6 +13,7 @@ so the summary, the samples and the results agree as a real run's would. RUN/dat
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def write_run(root: str | Path, encoders=("ov2", "ov1", "clip"), failed: tuple[s
     rows = []
     order = ["pretrain", "export", "bridge", "eval"]
     for k, enc in enumerate(encoders):
-        folder = run / "encoders" / str(enc)
+        folder = run / "encoders" / re.sub(r"[^A-Za-z0-9._-]", "_", str(enc))  # reports.collect.encoder_dir
         fail_at = order.index(failed[1]) if failed and failed[0] == enc and failed[1] in order else None
         for i, stage in enumerate(order):
             if fail_at is None or i < fail_at:

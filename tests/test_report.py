@@ -1,0 +1,235 @@
+"""ov2 report: numbers in the HTML equal the results on disk, escaping, failures named, a real browser renders it.
+
+The run folders are hand-made (tests/report_fixture.py): 3 encoders, 9 tasks, per-question samples, curves, one
+failed bridge stage with its evaluation skipped. The browser test drives the Debian `chromium` with Playwright from
+a file URL with the network blocked; under CI (CI=true) it fails, not skips, when either is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from report_fixture import TASKS, write_run
+
+from reports.collect import TASKS as REPORT_TASKS
+from reports.render import build_report
+from reports.stats import paired_bootstrap
+
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    run = write_run(tmp_path_factory.mktemp("report") / "run")
+    return run, build_report(run)
+
+
+@pytest.fixture(scope="module")
+def xss_report(tmp_path_factory):
+    run = write_run(tmp_path_factory.mktemp("xss") / "run", encoders=("ov2", XSS), failed=None, n=12)
+    return run, build_report(run)
+
+
+class Tables(HTMLParser):
+    """Every <table id=...> as rows of (tag, text, classes) cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.current, self.row, self.cell = {}, None, None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.current = self.tables.setdefault(attrs.get("id") or f"t{len(self.tables)}", [])
+        elif tag == "tr" and self.current is not None:
+            self.row = []
+            self.current.append(self.row)
+        elif tag in ("td", "th") and self.row is not None:
+            self.cell = [tag, "", attrs.get("class") or ""]
+            self.row.append(self.cell)
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.current = None
+        elif tag in ("td", "th"):
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell[1] += data
+
+
+def parse_tables(path) -> dict:
+    parser = Tables()
+    parser.feed(path.read_text())
+    return parser.tables
+
+
+def numbers(text: str) -> list[float]:
+    return [float(t) for t in text.replace("±", " ").split() if t not in ("—", "")]
+
+
+def test_summary_numbers_equal_the_results_on_disk(report):
+    run, path = report
+    rows = parse_tables(path)["summary-table"]
+    header = [c[1].strip() for c in rows[0]][1:]
+    labels = {REPORT_TASKS[t][0]: t for t in REPORT_TASKS}
+    tasks = [next(t for lab, t in labels.items() if h.startswith(lab)) for h in header]
+    assert tasks == list(TASKS), header
+    res = pd.read_csv(run / "results.csv")
+    checked = 0
+    for row in rows[1:]:
+        name = row[0][1].split()[0] if row[0][1].strip() != "chance" else "chance"
+        for task, cell in zip(tasks, row[1:]):
+            metric, chance = TASKS[task][0], TASKS[task][1]
+            scale = 1.0 if task == "ov2_mme" else 100.0
+            got = numbers(cell[1])
+            if name == "chance":
+                assert got == [pytest.approx(chance * scale, abs=0.05)]
+                checked += 1
+                continue
+            disk = res[(res["encoder"] == name) & (res["task"] == task) & (res["metric"] == metric)]
+            if disk.empty:  # clip's bridge failed: no results, a dash in the table
+                assert got == [] and cell[1].strip() == "—"
+                continue
+            expected = [disk["value"].iloc[0] * scale]
+            if pd.notna(disk["stderr"].iloc[0]):
+                expected.append(disk["stderr"].iloc[0] * scale)
+            assert got == pytest.approx(expected, abs=0.05 + 1e-9), (name, task, cell)
+            checked += len(expected)
+    assert checked >= 2 * 2 * 8 + 9  # two encoders with values and stderrs on (nearly) every task, and chance
+
+
+def test_best_per_column_is_marked(report):
+    run, path = report
+    rows = parse_tables(path)["summary-table"][1:-1]
+    for j in range(1, len(rows[0])):
+        values = [numbers(r[j][1])[0] if numbers(r[j][1]) else -1 for r in rows]
+        marked = [("best" in r[j][2]) for r in rows]
+        assert any(marked)
+        assert all(v == max(values) for v, m in zip(values, marked) if m)
+
+
+def test_differences_have_paired_intervals(report):
+    run, path = report
+    rows = parse_tables(path)["differences"]
+    assert [r[0][1].strip() for r in rows[1:]] == ["ov1"]  # clip has no answers to pair, ov2 is the reference
+    samples = {e: pd.read_json(run / "encoders" / e / "eval" / "samples" / "ov2_pope.jsonl", lines=True)
+               for e in ("ov2", "ov1")}
+    expected = paired_bootstrap(samples["ov2"]["score"], samples["ov1"]["score"])
+    pope = [c[1].strip() for c in rows[0]].index("POPE")
+    diff, lo, hi = numbers(rows[1][pope][1].replace("[", " ").replace("]", " ").replace(",", " "))
+    assert diff == pytest.approx(expected["diff"] * 100, abs=0.05)
+    assert (lo, hi) == pytest.approx((expected["lo"] * 100, expected["hi"] * 100), abs=0.05)
+    assert lo <= diff <= hi
+
+
+def test_paired_bootstrap_sees_a_small_consistent_gain():
+    rng = np.random.default_rng(0)
+    a = (rng.random(200) < 0.5).astype(float)
+    b = a.copy()
+    b[np.flatnonzero(a == 0)[:12]] = 1.0  # b answers 12 more questions right, and nothing else changes
+    r = paired_bootstrap(a, b)
+    assert r["diff"] == pytest.approx(0.06) and r["significant"] and 0 < r["lo"] < r["diff"] < r["hi"]
+    same = paired_bootstrap(a, a)
+    assert same["diff"] == 0 and not same["significant"]
+
+
+def test_failed_stage_is_named(report):
+    run, path = report
+    html = path.read_text()
+    failures = parse_tables(path)
+    rows = [[c[1].strip() for c in r] for t in failures.values() for r in t]
+    assert ["clip", "bridge", "failed", "RuntimeError: bridge of clip ran out of memory at step 7"] in rows
+    assert ["clip", "eval", "skipped", "needs bridge, which failed"] in rows
+    assert "bridge failed" in html  # the clip row of the summary says why it is empty
+
+
+def test_names_and_answers_are_escaped(xss_report):
+    run, path = xss_report
+    html = path.read_text()
+    assert XSS not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(2)&gt;" in html
+    assert "<b>bold</b>" not in html and "&lt;b&gt;bold&lt;/b&gt;" in html
+    assert html.count("<script") == 1  # the report's own few lines that sort tables
+
+
+def test_cli_bad_input_and_overwrite(cli, report, tmp_path):
+    run, _ = report
+    bad = cli("report", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    mine = tmp_path / "notes.html"
+    mine.write_text("my notes")
+    kept = cli("report", str(run), "--out", str(mine))
+    assert kept.returncode == 2 and "--force" in kept.stderr and mine.read_text() == "my notes"
+    forced = cli("report", str(run), "--out", str(mine), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert 'content="ov2 report"' in mine.read_text()
+    again = cli("report", str(run), "--out", str(mine))  # our own report is replaced without --force
+    assert again.returncode == 0, again.stderr
+
+
+def test_compare_puts_two_runs_side_by_side(report, tmp_path):
+    run, _ = report
+    other = write_run(tmp_path / "run_b", failed=None, seed=1, n=24, with_data=False)
+    path = build_report(run, compare=other)
+    assert path.name == "compare_run_b.html"
+    rows = [[c[1].strip() for c in r] for r in parse_tables(path)["compare-table"][1:]]
+    clip = [r for r in rows if r[0] == "clip"]
+    assert clip and all(r[2] == "—" for r in clip)  # run A's clip failed; run B's has numbers
+    assert any(r[3] != "—" for r in clip)
+    ov1 = [r for r in rows if r[0] == "ov1" and r[1] == "POPE"][0]
+    assert "questions" in ov1[5]  # a paired interval over the questions both runs answered
+
+
+def _browser():
+    """(sync_playwright, chromium path), or fail under CI / skip elsewhere when either is missing."""
+    chromium = shutil.which("chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    missing = [what for what, ok in (("playwright", sync_playwright), ("chromium", chromium)) if not ok]
+    if missing:
+        message = f"{' and '.join(missing)} missing: make install (root) adds the Debian chromium and playwright"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return sync_playwright, chromium
+
+
+def test_real_browser_renders_the_report(report, xss_report, tmp_path):
+    from PIL import Image
+
+    sync_playwright, chromium = _browser()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            for name, (_, path) in (("report", report), ("xss", xss_report)):
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                errors, failed, dialogs, remote = [], [], [], []
+                page.on("console", lambda m, errors=errors: errors.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+                page.on("requestfailed", lambda r, failed=failed: failed.append(r.url))
+                page.on("dialog", lambda d, dialogs=dialogs: (dialogs.append(d.message), d.dismiss()))
+                page.route("http*://**", lambda r, remote=remote: (remote.append(r.request.url), r.abort()))
+                page.goto(path.resolve().as_uri(), wait_until="load")
+                shot = page.screenshot(full_page=True)
+                (tmp_path / f"{name}.png").write_bytes(shot)
+                assert errors == [] and failed == [] and remote == [] and dialogs == [], (name, errors, failed)
+                boxes = page.evaluate("""() => Array.from(document.querySelectorAll('img, svg')).map(e => {
+                    const r = e.getBoundingClientRect();
+                    return [e.tagName, r.width, r.height, e.tagName === 'IMG' ? e.naturalWidth : 1]; })""")
+                assert len(boxes) >= 10, boxes  # 9 task charts, curves, thumbnails, the encoder-eval chart
+                assert all(w > 0 and h > 0 and natural > 0 for _, w, h, natural in boxes), boxes
+                image = np.asarray(Image.open(io.BytesIO(shot)).convert("L"), dtype=float)
+                assert image.shape[0] > 900 and image.std() > 10 and len(np.unique(image)) > 50
+                page.close()
+        finally:
+            browser.close()

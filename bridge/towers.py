@@ -10,7 +10,7 @@
 `spec` is one of (first match wins):
     a local transformers folder whose config is clip / clip_vision_model / siglip / siglip_vision_model / vit
     a local OpenVision release folder in open_clip layout (open_clip_config.json + weights)
-    "preset:NAME" (a freshly initialised encoder from encoder.config presets, e.g. preset:ov2-tiny)
+    "preset:NAME" (a freshly initialised encoder from encoder.config presets, e.g. preset:ov2-tiny, seeded by `seed`)
     one of our checkpoints or training-run folders (encoder.checkpoint.load_model)
 Nothing is downloaded.
 """
@@ -136,7 +136,7 @@ def _openclip_tower(folder: Path, feature_layer: int) -> VisionTower:
     return VisionTower(model, image_processor, feature_layer=feature_layer, has_cls=True, source=str(folder))
 
 
-def _ours_tower(spec: str, feature_layer: int) -> OursTower:
+def _ours_tower(spec: str, feature_layer: int, seed: int = 0) -> OursTower:
     from encoder.data import transforms
 
     if spec.startswith("preset:"):
@@ -144,7 +144,9 @@ def _ours_tower(spec: str, feature_layer: int) -> OursTower:
         from encoder.models import build_model
 
         cfg = get_preset(spec[len("preset:"):])
-        model = build_model(cfg.model)
+        with torch.random.fork_rng(devices=[]):  # the same tower for the same seed; the caller's RNG untouched
+            torch.manual_seed(seed)
+            model = build_model(cfg.model)
     else:
         from encoder.checkpoint import load_model
 
@@ -155,8 +157,8 @@ def _ours_tower(spec: str, feature_layer: int) -> OursTower:
     return OursTower(vit, vit_cfg, image_processor, feature_layer=feature_layer, source=spec)
 
 
-def load_tower(spec: str | Path, feature_layer: int = -2) -> VisionTower:
-    """Registry entry point: see the module docstring for what `spec` may be."""
+def load_tower(spec: str | Path, feature_layer: int = -2, seed: int = 0) -> VisionTower:
+    """Registry entry point: see the module docstring for what `spec` may be (`seed` initialises a preset:)."""
     spec = str(spec)
     folder = Path(spec)
     if folder.is_dir() and (folder / "config.json").is_file():
@@ -166,7 +168,7 @@ def load_tower(spec: str | Path, feature_layer: int = -2) -> VisionTower:
     if folder.is_dir() and (folder / "open_clip_config.json").is_file():
         return _openclip_tower(folder, feature_layer)
     if spec.startswith("preset:") or folder.exists():
-        return _ours_tower(spec, feature_layer)
+        return _ours_tower(spec, feature_layer, seed)
     raise FileNotFoundError(
         f"vision tower {spec!r}: not a local transformers vision folder, open_clip folder, preset:NAME or checkpoint"
     )

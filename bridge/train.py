@@ -1,12 +1,13 @@
-"""One LLaVA training stage: freeze per stage, AdamW with warm-up + cosine, gradient accumulation, bf16 autocast option,
-checkpoints every `save_every` steps and exact resume, tqdm progress, JSONL metrics.
+"""One LLaVA training stage on the run-folder contract: freeze per stage, AdamW with warm-up + cosine, gradient
+accumulation, bf16 autocast option on the model's device, checkpoints every `save_every` steps and exact resume,
+tqdm progress, JSONL metrics.
 
-    stage 1: projector only, LR 1e-3          stage 2: projector + LLM, LR 2e-5
-    unfreeze_vision: the tower trains too, at its own LR (Open-LLaVA-NeXT style, 2e-6)
-
-Output folder of a stage:
-    metrics.jsonl            one line per optimizer step: step, loss, lr, tokens, seconds, peak_rss_mb
-    ckpt/                    trainable.safetensors + optim.pt + state.json (latest step; resume starts here)
+Run folder of a stage (the same contract as a pretraining run, read by the same code):
+    config.yaml              the stage's StageConfig
+    status.json              running -> ok | failed | interrupted, key, wall time, peak memory (encoder.core.runfolder)
+    metrics.jsonl            one line per optimizer step: stage, step, loss, lr, tokens, seconds, peak_rss_mb
+    checkpoints/step_N/      model.safetensors (trainable parameters), optimizer.pt, rng_rank0.pt, trainer.json,
+                             config.yaml: written atomically, verified on load (encoder.core.checkpoint)
     final.safetensors        the trained weights (trainable parameters only) once the stage is done
     done.json                summary (steps, final loss, wall time, peak memory); a finished stage is skipped
 The sample order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
@@ -16,48 +17,22 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from bridge.assemble import trainable_groups
+from bridge.config import DEFAULT_LR, StageConfig  # noqa: F401  (StageConfig is imported from here by callers)
 from bridge.loss import AnswerLoss
-
-DEFAULT_LR = {1: 1e-3, 2: 2e-5}
-
-
-@dataclass
-class StageConfig:
-    stage: int = 1
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float | None = None  # None: 1e-3 for stage 1, 2e-5 for stage 2
-    unfreeze_vision: bool = False
-    vision_lr: float = 2e-6
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    bf16: bool = False
-    seed: int = 0
-    save_every: int = 50
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("steps, batch_size and grad_accum must be >= 1")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.stage]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from encoder.core import checkpoint as core
+from encoder.core import runfolder
+from encoder.core.config import ConfigError
+from encoder.core.resume import check_out, check_resume
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -83,70 +58,101 @@ class SampleOrder:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model, path: Path) -> None:
-    state = load_file(str(path))
+def _check_names(model, state: dict, where) -> None:
     params = dict(model.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
-        raise KeyError(f"{path}: unknown parameters {missing[:3]}")
+    unknown = [n for n in state if n not in params]
+    wrong = [n for n in state if n in params and tuple(params[n].shape) != tuple(state[n].shape)]
+    if unknown or wrong:
+        raise ConfigError(f"{where}: does not fit this model ({', '.join((unknown + wrong)[:3])}); was it trained "
+                          f"with another encoder or LLM?")
+
+
+def load_trainable(model, path: Path | dict) -> None:
+    state = load_file(str(path)) if not isinstance(path, dict) else path
+    _check_names(model, state, path if not isinstance(path, dict) else "checkpoint")
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
 
 
-def _save_ckpt(model, opt, step: int, ckpt: Path) -> None:
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    if ckpt.exists():
-        old = ckpt.with_name(ckpt.name + ".old")
-        ckpt.rename(old)
-        tmp.rename(ckpt)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(ckpt)
+def _read_ckpt(path: Path) -> dict:
+    rng = path / "rng_rank0.pt"
+    return {"model": load_file(str(path / "model.safetensors")),
+            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+            "rng": torch.load(rng, weights_only=True) if rng.is_file() else None,
+            "state": core.read_state(path)}
+
+
+def _save_ckpt(model, opt, step: int, cfg: StageConfig, out_dir: Path) -> Path:
+    tmp = core.begin(out_dir, step)
+    save_file(trainable_state(model), str(tmp / "model.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save(torch.get_rng_state(), tmp / "rng_rank0.pt")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    return core.commit(tmp, {"step": step}, cfg.keep_last)
+
+
+def latest_weights(out_dir: str | Path) -> Path | None:
+    """The stage's trained weights: final.safetensors when done, else its newest intact checkpoint's."""
+    out_dir = Path(out_dir)
+    if (out_dir / "final.safetensors").is_file():
+        return out_dir / "final.safetensors"
+    found = core.newest(out_dir, lambda p: load_file(str(p / "model.safetensors")))
+    return found[0] / "model.safetensors" if found else None
 
 
 def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, *,
-                stop_after: int | None = None) -> dict:
-    """Train one stage in place on `model`; -> summary dict. `stop_after` ends early (as an interruption would)."""
+                stop_after: int | None = None, inputs: tuple = ()) -> dict:
+    """Train one stage in place on `model`; -> summary dict. `stop_after` ends early (as an interruption would).
+    `inputs` (keys of what the stage starts from: encoder, LLM) go into the stage's key."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done = out_dir / "done.json"
+    check_out(out_dir)
+    runfolder.check_unlocked(out_dir)
     groups = trainable_groups(model, stage=cfg.stage, unfreeze_vision=cfg.unfreeze_vision)
-    if done.is_file():
-        load_trainable(model, out_dir / "final.safetensors")
-        return json.loads(done.read_text())
+    done = out_dir / "done.json"
+    found = core.newest(out_dir, _read_ckpt)
+    step = found[1]["state"]["step"] if found else 0
+    check_resume(out_dir, cfg, step)
+    if found:
+        _check_names(model, found[1]["model"], found[0])
+    if done.is_file() and (out_dir / "final.safetensors").is_file():
+        summary = json.loads(done.read_text())
+        if summary.get("steps", 0) >= cfg.steps:
+            load_trainable(model, out_dir / "final.safetensors")
+            return summary
     param_groups = [{"params": ps, "lr": cfg.vision_lr if name == "vision" else cfg.lr, "name": name}
                     for name, ps in groups.items()]
     for g in param_groups:
         g["initial_lr"] = g["lr"]
     opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    key = runfolder.config_key(asdict(cfg), *inputs)
+    with runfolder.RunLock(out_dir), runfolder.track(out_dir, key=key, kind=f"bridge_stage{cfg.stage}"):
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        if found:
+            load_trainable(model, found[1]["model"])
+            opt.load_state_dict(found[1]["optimizer"])
+            if found[1]["rng"] is not None:
+                torch.set_rng_state(found[1]["rng"])
+        runfolder.rewrite_metrics(out_dir / "metrics.jsonl", step)
+        summary = _loop(model, dataset, collate, cfg, out_dir, opt, step, stop_after)
+    if summary["steps"] < cfg.steps:
+        runfolder.write_status(out_dir, "interrupted", error=f"stopped at step {summary['steps']}")
+    return summary
+
+
+def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: int, stop_after) -> dict:
     loss_fn = AnswerLoss()
     order = SampleOrder(len(dataset), cfg.seed)
-    ckpt = out_dir / "ckpt"
-    step = 0
-    if (ckpt / "state.json").is_file():
-        load_trainable(model, ckpt / "trainable.safetensors")
-        opt.load_state_dict(torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True))
-        step = json.loads((ckpt / "state.json").read_text())["step"]
-    metrics = out_dir / "metrics.jsonl"
-    kept = [ln for ln in metrics.read_text().splitlines() if json.loads(ln)["step"] <= step] if metrics.exists() else []
-    metrics.write_text("".join(ln + "\n" for ln in kept))
-    (out_dir / "stage_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-
+    device = next(model.parameters()).device
     model.train()
-    t0, last = time.time(), None
+    t0, last, saved = time.time(), None, step
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(step, end), initial=step, total=cfg.steps, desc=f"stage {cfg.stage}", disable=not cfg.progress)
-    with metrics.open("a") as log:
+    with (out_dir / "metrics.jsonl").open("a") as log:
         for step in bar:
             factor = lr_factor(step, cfg.steps, cfg.warmup_ratio)
             for g in opt.param_groups:
@@ -156,25 +162,26 @@ def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, 
             for micro in range(cfg.grad_accum):
                 first = (step * cfg.grad_accum + micro) * cfg.batch_size
                 batch = collate([dataset[order(first + j)] for j in range(cfg.batch_size)])
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     out = loss_fn(model, batch)
                 (out["lm_loss"] / cfg.grad_accum).backward()
                 total += float(out["lm_loss"].detach()) / cfg.grad_accum
                 tokens += int(out["tokens"])
             opt.step()
             last = {"stage": cfg.stage, "step": step + 1, "loss": total, "lr": cfg.lr * factor, "tokens": tokens,
-                    "seconds": round(time.time() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+                    "seconds": round(time.time() - t0, 3), "peak_rss_mb": runfolder.peak_rss_mb()}
             log.write(json.dumps(last) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{total:.4f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-                _save_ckpt(model, opt, step + 1, ckpt)
+                _save_ckpt(model, opt, step + 1, cfg, out_dir)
+                saved = step + 1
     bar.close()
     model.eval()
-    finished = json.loads((ckpt / "state.json").read_text())["step"] if (ckpt / "state.json").is_file() else step
-    summary = {"stage": cfg.stage, "steps": finished, "final_loss": last["loss"] if last else None,
-               "seconds": round(time.time() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
-    if finished >= cfg.steps:
+    summary = {"stage": cfg.stage, "steps": saved, "final_loss": last["loss"] if last else None,
+               "seconds": round(time.time() - t0, 2), "peak_rss_mb": runfolder.peak_rss_mb()}
+    if saved >= cfg.steps:
         save_file(trainable_state(model), str(out_dir / "final.safetensors"))
-        done.write_text(json.dumps(summary, indent=1))
+        (out_dir / "done.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
 
 import numpy as np
@@ -175,25 +175,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args(argv)
     from encoder.checkpoint import load_model, resolve
+    from encoder.cli import fail
+    from encoder.config import ConfigError
 
+    prog = "ov2 eval-encoder"
+    if args.n_train < 20 or args.n_test < 1 or args.batch < 1:
+        return fail(prog, f"--n-train must be at least 20 (the probe holds out 20 %), --n-test and --batch at least "
+                          f"1; got {args.n_train}, {args.n_test}, {args.batch}")
+    if args.out and os.path.isdir(args.out):
+        return fail(prog, f"--out {args.out} is a folder; give a file name for the JSON")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        return fail(prog, f"--out {args.out}: the folder {os.path.dirname(args.out)} does not exist")
     try:
         path = resolve(args.ckpt)
         model, cfg = load_model(path)
         if not fm.available():
             fm.load_split("test")  # raises with the install hint
-    except FileNotFoundError as err:
-        print(f"ov2 eval-encoder: error: {err}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ConfigError) as err:
+        return fail(prog, err)
     size = args.size or cfg.stages[-1].image_size
-    if size % cfg.model.vit.patch_size:
-        print(f"ov2 eval-encoder: error: --size {size} is not divisible by the patch size {cfg.model.vit.patch_size}",
-              file=sys.stderr)
-        return 2
+    if size <= 0 or size % cfg.model.vit.patch_size:
+        return fail(prog, f"--size {size} must be a positive multiple of the patch size {cfg.model.vit.patch_size}")
     result = {"ckpt": path, **evaluate(model, cfg, size, args.n_train, args.n_test, args.seed, args.baseline,
                                        not args.no_zero_shot, args.device, args.batch)}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
+        tmp = f"{args.out}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             f.write(text + "\n")
+        os.replace(tmp, args.out)
     return 0

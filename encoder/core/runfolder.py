@@ -5,7 +5,7 @@
     RUN/checkpoints/step_N/  training stages only
     RUN/status.json          {"state": running|ok|failed|interrupted|skipped, "key", "error", "started", "finished",
                               "wall_s", "peak_rss_mb", "pid", "host", ...}; written atomically, merged field by field
-    RUN/.lock                held (flock) by the one process that writes into RUN
+    RUN/.lock                held (POSIX record lock) by the one process that writes into RUN
 
     key = config_key(config_dict, *input_keys)       # 16 hex digits, stable across processes and machines
     with RunLock(run):                               # a second writer gets RunLocked naming the holder
@@ -104,7 +104,7 @@ def track(run: str | Path, **fields):
 
 class RunLock:
     """An exclusive, non-blocking lock on RUN/.lock for as long as the `with` block runs (released on any exit,
-    kill -9 included, since the kernel drops flock locks with the process)."""
+    kill -9 included, since the kernel drops the process's record locks with it; forked children never hold it)."""
 
     def __init__(self, run: str | Path):
         self.run = Path(run)
@@ -112,10 +112,10 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.run.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = os.open(self.run / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:  # a POSIX record lock: not inherited by forked data-loader workers, dropped when this process dies
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise RunLocked(f"{self.run} is in use by {holder}: wait for it to finish or choose another folder") \
@@ -127,7 +127,7 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
@@ -142,8 +142,8 @@ def check_unlocked(run: str | Path) -> None:
     except OSError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         raise RunLocked(f"{run} is in use by {holder}: wait for it to finish or choose another folder") from None
     finally:
@@ -176,3 +176,23 @@ def rewrite_metrics(path: str | Path, keep_until_step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, path)
+
+
+def read_run(run: str | Path) -> dict:
+    """What any reader (--resume, the runner, the report) needs of a training run folder, pretraining and bridge
+    stages alike: status, config, metrics, the completed checkpoints' steps, the newest intact checkpoint's step."""
+    import yaml
+
+    from encoder.core import checkpoint
+
+    run = Path(run)
+    config_path = run / "config.yaml"
+    found = checkpoint.newest(run, say=lambda line: None) if checkpoint.list_checkpoints(run) else None
+    return {
+        "status": read_status(run),
+        "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
+        "metrics": read_metrics(run / "metrics.jsonl"),
+        "checkpoints": [int(p.name.split("_")[1]) for p in checkpoint.list_checkpoints(run)],
+        "step": checkpoint.read_state(found[0])["step"] if found else 0,
+    }
+

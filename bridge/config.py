@@ -1,0 +1,113 @@
+"""The bridge's configuration: one LLaVA run (`BridgeConfig`) holding two training stages (`StageConfig`).
+
+Every field is set the one way configs are set in this project (`encoder.core.config`): `--key=value` by dotted
+path (`--stage1.steps=50`) or unique leaf (`--eval_samples=8`), or a YAML file of the same keys; a bad key or value
+is a ConfigError naming it (one line, exit 2).
+
+    stage 1: projector only, LR 1e-3          stage 2: projector + LLM, LR 2e-5
+    unfreeze_vision: the tower trains too, at its own LR (Open-LLaVA-NeXT style, 2e-6)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from encoder.core.config import ConfigError
+
+DEFAULT_LR = {1: 1e-3, 2: 2e-5}
+
+
+@dataclass
+class StageConfig:
+    stage: int = 1
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None  # None: 1e-3 for stage 1, 2e-5 for stage 2
+    unfreeze_vision: bool = False
+    vision_lr: float = 2e-6
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    bf16: bool = False
+    seed: int = 0
+    save_every: int = 50
+    keep_last: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        validate_stage(self)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps
+
+
+def validate_stage(cfg: StageConfig, name: str = "stage") -> StageConfig:
+    if cfg.stage not in (1, 2):
+        raise ConfigError(f"{name}.stage must be 1 or 2, got {cfg.stage}")
+    for key in ("steps", "batch_size", "grad_accum", "save_every", "keep_last"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{name}.{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.lr is None:
+        cfg.lr = DEFAULT_LR[cfg.stage]
+    if cfg.lr <= 0 or cfg.vision_lr <= 0:
+        raise ConfigError(f"{name}.lr and {name}.vision_lr must be positive, got {cfg.lr} and {cfg.vision_lr}")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.weight_decay < 0:
+        raise ConfigError(f"{name}.weight_decay must be 0 or more, got {cfg.weight_decay}")
+    return cfg
+
+
+@dataclass
+class BridgeConfig:
+    encoder: str
+    out: str
+    llm: str = "smollm2"
+    feature_layer: int = -2
+    stage1_data: str = "synth"
+    stage2_data: str = "synth"
+    image_root: str | None = None
+    stage1_samples: int = 4000  # built-in data size (each record is generated from (seed, index))
+    stage2_samples: int = 8000
+    synth_kinds: str = "shapes,text,chart"  # built-in scene kinds (comma-separated)
+    stage2_types: str = ""  # built-in question types to keep (comma-separated; empty = all)
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(stage=1, steps=100))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(stage=2, steps=200))
+    eval_samples: int = 200
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BridgeConfig:
+        """A saved config (config.yaml / bridge_config.json) back as a BridgeConfig."""
+        from encoder.core.config import apply_tree
+
+        if not isinstance(d, dict) or "encoder" not in d or "out" not in d:
+            raise ConfigError("not a bridge config (expected a mapping with encoder and out)")
+        base = cls(encoder=str(d["encoder"]), out=str(d["out"]))
+        return validate(apply_tree(base, {k: v for k, v in d.items() if k not in ("encoder", "out")}))
+
+
+# what the model is made of: a resume into the same --out may never change these
+ARCHITECTURE = ("encoder", "llm", "feature_layer", "seed")
+
+
+def validate(cfg: BridgeConfig) -> BridgeConfig:
+    """ConfigError naming the key for any impossible value."""
+    validate_stage(cfg.stage1, "stage1")
+    validate_stage(cfg.stage2, "stage2")
+    if cfg.stage1.stage != 1 or cfg.stage2.stage != 2:
+        raise ConfigError("stage1.stage must be 1 and stage2.stage 2")
+    for key in ("stage1_samples", "stage2_samples"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.eval_samples < 0:
+        raise ConfigError(f"eval_samples must be 0 or more, got {cfg.eval_samples}")
+    if not cfg.encoder:
+        raise ConfigError("encoder: give a checkpoint or run folder, preset:NAME, or a transformers / open_clip folder")
+    from encoder.data.synth import KINDS
+
+    kinds = [k for k in cfg.synth_kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        raise ConfigError(f"synth_kinds: unknown kinds {sorted(set(kinds) - set(KINDS))}; choose from {KINDS}")
+    return cfg

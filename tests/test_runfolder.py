@@ -1,0 +1,177 @@
+"""The run-folder contract: pretraining and a bridge stage write the same folder, read by the same code; both resume
+exactly after kill -9; checkpoints are written once atomically and a damaged newest one falls back to an older one;
+a cut metrics line is dropped; a second writer is refused naming the holder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from encoder.core import checkpoint as core
+from encoder.core.runfolder import RunLock, read_run
+from tests.helpers import ROOT, run_cli
+
+MICRO = ["--preset", "ov2-micro", "--data.workers=0"]
+
+# One bridge stage-2 run in a fresh process, on a tiny random Llama and our tiny checkpoint (written by the test).
+# Each sample takes SLOW seconds to read, so that a kill -9 lands in the middle of the run.
+BRIDGE_STAGE = """
+import sys, time, torch
+from pathlib import Path
+from bridge_helpers import smollm2_tokenizer
+from bridge.assemble import assemble
+from bridge.data import Collator, SynthInstructions
+from bridge.llm import tiny_llama
+from bridge.towers import load_tower
+from bridge.train import StageConfig, train_stage, trainable_state
+from safetensors.torch import save_file
+
+ckpt, out, slow = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+tok = smollm2_tokenizer()
+tower = load_tower(ckpt)
+model, processor = assemble(tower, tiny_llama(tok, seed=0, init_std=0.1), tok, seed=0)
+collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
+data = SynthInstructions(12, image_size=32)
+
+class Slow:
+    def __len__(self):
+        return len(data)
+    def __getitem__(self, i):
+        time.sleep(slow)
+        return data[i]
+
+cfg = StageConfig(stage=2, steps=8, batch_size=2, lr=1e-3, save_every=1, progress=False)
+train_stage(model, Slow(), collate, cfg, out)
+save_file(trainable_state(model), str(out.parent / (out.name + ".final.safetensors")))
+"""
+
+
+def _bridge(ckpt: Path, out: Path, slow: float = 0.0, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}"}
+    proc = subprocess.Popen([sys.executable, "-c", BRIDGE_STAGE, str(ckpt), str(out), str(slow)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if wait:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    return proc
+
+
+def _kill_after_checkpoint(proc, run: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = core.list_checkpoints(run)
+        if found and int(found[-1].name[5:]) >= step:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def our_ckpt(tmp_path_factory):
+    from bridge_helpers import write_our_checkpoint
+
+    folder = tmp_path_factory.mktemp("ours")
+    write_our_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pre") / "run"
+    result = run_cli("train", "--out", str(run), *MICRO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run
+
+
+def test_pretraining_and_bridge_stage_folders_are_read_by_the_same_code(pretrain_run, our_ckpt, tmp_path):
+    stage = tmp_path / "stage2"
+    _bridge(our_ckpt, stage)
+    for run, steps, kind in ((pretrain_run, 20, "pretrain"), (stage, 8, "bridge_stage2")):
+        info = read_run(run)
+        assert info["status"]["state"] == "ok" and info["status"]["kind"] == kind
+        assert len(info["status"]["key"]) == 16 and info["status"]["wall_s"] > 0
+        assert info["step"] == steps == info["checkpoints"][-1] == info["metrics"][-1]["step"]
+        assert isinstance(info["config"], dict)
+        newest = core.list_checkpoints(run)[-1]
+        assert core.damage(newest) is None
+        assert {"model.safetensors", "optimizer.pt", "trainer.json", "rng_rank0.pt", "config.yaml"} <= {
+            p.name for p in newest.iterdir()}
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert not (stage / "ckpt").exists()  # the bridge's old two-rename layout is gone
+
+
+def test_bridge_stage_resumes_exactly_after_kill9(our_ckpt, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    _bridge(our_ckpt, straight)
+    proc = _bridge(our_ckpt, broken, slow=0.15, wait=False)
+    _kill_after_checkpoint(proc, broken, 3)
+    assert read_run(broken)["status"]["state"] == "interrupted"  # running, but its process is gone
+    killed_at = read_run(broken)["step"]
+    assert 3 <= killed_at < 8
+    _bridge(our_ckpt, broken)
+    a = load_file(str(tmp_path / "straight.final.safetensors"))
+    b = load_file(str(tmp_path / "broken.final.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_run(broken)["metrics"]]
+    assert steps == list(range(1, 9))
+    assert [r["loss"] for r in read_run(broken)["metrics"]] == [r["loss"] for r in read_run(straight)["metrics"]]
+
+
+def test_damaged_newest_checkpoint_falls_back_and_resume_is_still_exact(pretrain_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrain_run, run)
+    for step in (20, 12):  # keep step 10 (checkpoints 10, 12, 20 with keep_last 3)
+        shutil.rmtree(core.step_path(run, step))
+    kept = core.list_checkpoints(run)
+    assert [p.name for p in kept] == ["step_0000010"]
+    # a newer checkpoint whose optimizer file was cut (a crash while the disk filled up)
+    shutil.copytree(kept[-1], core.step_path(run, 11))
+    state = json.loads((core.step_path(run, 11) / "trainer.json").read_text())
+    (core.step_path(run, 11) / "trainer.json").write_text(json.dumps({**state, "step": 11}))
+    optimizer = core.step_path(run, 11) / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "loss": 1.2')  # a cut last line
+    result = run_cli("train", "--out", str(run), "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step_0000011 is damaged (optimizer.pt has 1000 bytes" in result.stderr
+    a = load_file(str(core.step_path(pretrain_run, 20) / "model.safetensors"))
+    b = load_file(str(core.step_path(run, 20) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_run(run)["metrics"]] == [r["step"] for r in read_run(pretrain_run)["metrics"]]
+
+
+def test_every_checkpoint_damaged_is_one_clear_error(pretrain_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrain_run, run)
+    for path in core.list_checkpoints(run):
+        weights = path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    for cmd in (["train", "--out", str(run), "--resume"], ["caption", "--ckpt", str(run), __file__]):
+        result = run_cli(*cmd)
+        assert result.returncode in (1, 2) and "no intact checkpoint" in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
+def test_second_writer_is_refused_naming_the_holder(pretrain_run, tmp_path):
+    run = tmp_path / "busy"
+    with RunLock(run):
+        result = run_cli("train", "--out", str(run), *MICRO)
+    assert result.returncode == 2 and f"pid {os.getpid()}" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (run / "checkpoints").exists() and not (run / "status.json").exists()

@@ -38,7 +38,7 @@ ENCODER_TASKS = {"fmnist_probe": "linear probe", "fmnist_zeroshot": "zero-shot",
                  "fmnist_probe_init": "random-init probe"}
 CURVES = {"pretrain": ("pretrain", "metrics.jsonl"), "bridge stage 1": ("bridge", "stage1/metrics.jsonl"),
           "bridge stage 2": ("bridge", "stage2/metrics.jsonl")}
-RESULT_COLUMNS = ["experiment", "encoder", "task", "metric", "value", "stderr", "n", "chance", "seed"]
+RESULT_COLUMNS = ["experiment", "encoder", "task", "metric", "value", "stderr", "n", "chance", "seed", "primary"]
 
 
 def _json(path: Path) -> dict:
@@ -76,6 +76,8 @@ def read_results(run: Path) -> pd.DataFrame:
             table[col] = None
     for col in ("value", "stderr", "n", "chance"):
         table[col] = pd.to_numeric(table[col], errors="coerce")
+    if table["primary"].notna().any():  # csv gives True/False (or "True"/"False" after a round trip)
+        table["primary"] = table["primary"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
     table["encoder"] = table["encoder"].astype(str)
     table["task"] = table["task"].astype(str)
     return table
@@ -96,7 +98,10 @@ def experiment_encoders(experiment: dict) -> list[str]:
 
 def encoder_family(experiment: dict, name: str) -> str:
     """The encoder's preset or family as written in the experiment ('' when unknown)."""
-    for item in experiment.get("encoders") or []:
+    encoders = experiment.get("encoders") or []
+    if isinstance(encoders, dict):  # the runner's resolved form: {name: {preset: ..., ...}}
+        encoders = [{"name": k, **(v if isinstance(v, dict) else {})} for k, v in encoders.items()]
+    for item in encoders:
         if isinstance(item, dict) and str(item.get("name")) == name:
             return str(item.get("family") or item.get("preset") or "")
     return ""

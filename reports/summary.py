@@ -43,7 +43,9 @@ def primary_rows(run: dict) -> pd.DataFrame:
         return res.assign(percent=[])
     keep = []
     for (enc, task), group in res.groupby(["encoder", "task"], sort=False):
-        primary = ((run["scores"].get(enc) or {}).get("tasks") or {}).get(task, {}).get("primary")
+        flagged = group.loc[group["primary"] == True, "metric"]  # noqa: E712  (the results table's own flag)
+        primary = flagged.iloc[0] if len(flagged) else \
+            ((run["scores"].get(enc) or {}).get("tasks") or {}).get(task, {}).get("primary")
         metrics = list(dict.fromkeys(group["metric"]))
         metric = primary if primary in metrics else metrics[0]
         rows = group[group["metric"] == metric]

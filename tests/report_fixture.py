@@ -21,17 +21,18 @@ import pandas as pd
 import yaml
 from PIL import Image, ImageDraw
 
-# task -> (primary metric, chance, per-question types, answers to draw from)
+# task -> (primary metric, chance, per-question types, answers to draw from); as benchmarks/suite/tasks.py
 TASKS = {
-    "ov2_textvqa": ("exact_match", 0.0, ["word"], ["cat", "stop", "blue", "open", "exit"]),
-    "ov2_chartqa": ("relaxed_overall", 0.0, ["bar", "line"], ["3", "7", "12", "20"]),
-    "ov2_ocrbench": ("ocrbench_accuracy", 0.0, ["text"], ["ov2", "hello", "42", "zebra"]),
-    "ov2_mme": ("mme_perception_score", 300.0, ["existence", "count", "position", "color"], ["yes", "no"]),
-    "ov2_seed": ("seed_all", 0.25, ["colour", "shape", "count"], ["A", "B", "C", "D"]),
-    "ov2_sqa": ("exact_match", 0.25, ["science"], ["A", "B", "C", "D"]),
-    "ov2_gqa": ("exact_match", 0.125, ["colour", "shape", "position"], ["red", "green", "left", "circle"]),
-    "ov2_pope": ("pope_accuracy", 0.5, ["random", "popular", "adversarial"], ["yes", "no"]),
-    "ov2_fashion": ("accuracy", 0.1, ["clothing"], ["A", "B", "C", "D", "E", "F", "G", "H", "I", "J"]),
+    "ov2_textvqa": ("exact_match", 1 / 20, ["word"], ["cat", "stop", "blue", "open", "exit"]),
+    "ov2_chartqa": ("relaxed_accuracy", 2 / 3 * 1 / 9 + 1 / 3 * 1 / 2, ["value", "compare"], ["3", "7", "12", "20"]),
+    "ov2_ocrbench": ("score_1000", 50.0, ["text"], ["ov2", "hello", "42", "zebra"]),
+    "ov2_mme": ("mme_score", 75.0, ["existence", "colour", "position", "count"], ["yes", "no"]),
+    "ov2_seed": ("accuracy", 0.25, ["colour", "shape", "count"], ["A", "B", "C", "D"]),
+    "ov2_sqa": ("accuracy", 1 / 2 * 1 / 2 + 1 / 2 * 1 / 3, ["pair", "largest"], ["A", "B", "C"]),
+    "ov2_gqa": ("exact_match", (1 / 8 + 1 / 5 + 1 / 9) / 3, ["colour", "shape", "position"],
+                ["red", "green", "left", "circle"]),
+    "ov2_pope": ("f1", 0.5, ["random", "popular", "adversarial"], ["yes", "no"]),
+    "ov2_fashion": ("accuracy", 0.25, ["clothing"], ["A", "B", "C", "D"]),
 }
 SKILL = {"ov2": 0.62, "ov1": 0.55, "clip": 0.45}
 COLOURS = [(220, 60, 60), (60, 160, 80), (50, 90, 200), (230, 180, 40), (150, 70, 170)]
@@ -62,6 +63,28 @@ def _image(seed: int) -> Image.Image:
     return img
 
 
+def _metrics(task: str, score: np.ndarray, targets: list[str], preds: list[str]) -> dict:
+    """scores.json metrics of one task, computed from the per-question scores as benchmarks/suite/metrics.py does."""
+    n = len(score)
+    sem = float(score.std(ddof=1) / np.sqrt(n))
+    acc = {"value": float(score.mean()), "stderr": sem}
+    if task == "ov2_mme":  # two questions per image; MME score = 100 * (acc + acc+)
+        plus = float(np.mean([score[i] * score[i + 1] for i in range(0, n - 1, 2)]))
+        return {"mme_score": {"value": 100.0 * (acc["value"] + plus), "stderr": 100.0 * 2 * sem},
+                "acc": acc, "acc_plus": {"value": plus, "stderr": None}}
+    if task == "ov2_ocrbench":
+        return {"score_1000": {"value": 1000.0 * acc["value"], "stderr": 1000.0 * sem},
+                "score": {"value": float(score.sum()), "stderr": None}, "accuracy": acc}
+    if task == "ov2_pope":
+        said = np.array([p == "yes" for p in preds])
+        truth = np.array([t == "yes" for t in targets])
+        tp = float((said & truth).sum())
+        precision, recall = tp / max(said.sum(), 1), tp / max(truth.sum(), 1)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"f1": {"value": f1, "stderr": None}, "accuracy": acc}
+    return {TASKS[task][0]: acc}
+
+
 def write_data(run: Path, n: int) -> dict:
     """RUN/data/<task>/ for every task; returns {task: (questions, answers, types)}."""
     from datasets import Dataset
@@ -87,13 +110,14 @@ def write_run(root: str | Path, encoders=("ov2", "ov1", "clip"), failed: tuple[s
         task: ([f"q{i}" for i in range(n)], [a[i % len(a)] for i in range(n)], [ty[i % len(ty)] for i in range(n)])
         for task, (_, _, ty, a) in TASKS.items()}
     experiment = {"name": "default", "paper": "llava15_openvision2",
-                  "encoders": [{"name": e, "preset": f"{str(e).split('-')[0]}-tiny"} for e in encoders],
+                  "encoders": {e: {"preset": f"{str(e).split('-')[0]}-tiny"} for e in encoders},
                   "bridge": {"recipe": "ov2-tiny", "llm": "smollm2-135m"}, "tasks": list(TASKS), "seeds": [seed]}
     (run / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
     (run / "run.json").write_text(json.dumps({
-        "started": "2026-11-29T09:00:00+00:00", "finished": "2026-11-29T10:12:00+00:00", "git": "3070737abc",
-        "versions": {"torch": "2.13.0", "transformers": "5.24.0", "lmms_eval": "0.7.3"},
-        "machine": {"cpu": "x86_64", "cores": 2, "memory_gb": 24.0, "gpu": None}, "argv": ["ov2", "run"]}))
+        "experiment": "default", "argv": ["ov2", "run", "benchmarks/experiments/default.yaml"],
+        "started": "2026-11-29T09:00:00", "finished": "2026-11-29T10:12:00", "wall_s": 4320.0,
+        "git_commit": "3070737abc", "versions": {"torch": "2.13.0", "transformers": "5.24.0", "lmms_eval": "0.7.3"},
+        "machine": {"cpu": "x86_64", "cores": 2, "memory_gb": 24.0, "gpu": None, "python": "3.11.2"}}))
     rows = []
     order = ["pretrain", "export", "bridge", "eval"]
     for k, enc in enumerate(encoders):
@@ -133,18 +157,13 @@ def write_run(root: str | Path, encoders=("ov2", "ov1", "clip"), failed: tuple[s
                 _jsonl(folder / "eval" / "samples" / f"{task}.jsonl", [
                     {"doc_id": i, "question": questions[i], "target": targets[i], "prediction": preds[i],
                      "score": score[i], "type": types[i]} for i in range(n)])
-                if task == "ov2_mme":
-                    value, stderr = 100.0 * sum(score[[i for i in range(n) if types[i] == ty]].mean() * 1.5
-                                                for ty in TASKS[task][2]), None
-                else:
-                    value, stderr = float(score.mean()), float(score.std(ddof=1) / np.sqrt(n))
-                tasks[task] = {"status": "ok", "error": None, "primary": metric,
-                               "metrics": {metric: {"value": value, "stderr": stderr}}, "n": n, "chance": chance,
-                               "wall_s": 3.0}
-                rows.append({"experiment": "default", "encoder": enc, "task": task, "metric": metric, "value": value,
-                             "stderr": stderr, "n": n, "chance": chance, "seed": seed})
-                rows.append({"experiment": "default", "encoder": enc, "task": task, "metric": "wall_s",
-                             "value": 3.0, "stderr": None, "n": n, "chance": None, "seed": seed})
+                metrics = _metrics(task, score, targets, preds)
+                tasks[task] = {"status": "ok", "error": None, "primary": metric, "metrics": metrics, "n": n,
+                               "chance": chance, "wall_s": 3.0}
+                for name, m in metrics.items():  # as benchmarks/runner/results.py tabulates scores.json
+                    rows.append({"experiment": "default", "encoder": enc, "task": task, "metric": name,
+                                 "value": m["value"], "stderr": m["stderr"], "n": n,
+                                 "chance": chance if name == metric else None, "seed": seed, "primary": name == metric})
             (folder / "eval" / "scores.json").write_text(json.dumps(
                 {"model": str(folder / "bridge" / "model"), "data_dir": str(run / "data"), "tasks": tasks}))
         probe, zero, floor = 0.55 + 0.1 * skill, 0.2 + 0.2 * skill, 0.41
@@ -154,6 +173,7 @@ def write_run(root: str | Path, encoders=("ov2", "ov1", "clip"), failed: tuple[s
             "random_init_linear_probe_acc": floor, "chance": 0.1, "n_train": 2000, "n_test": 1000}))
         for task, value in (("fmnist_probe", probe), ("fmnist_zeroshot", zero), ("fmnist_probe_init", floor)):
             rows.append({"experiment": "default", "encoder": enc, "task": task, "metric": "accuracy", "value": value,
-                         "stderr": float(np.sqrt(value * (1 - value) / 1000)), "n": 1000, "chance": 0.1, "seed": seed})
+                         "stderr": float(np.sqrt(value * (1 - value) / 1000)), "n": 1000, "chance": 0.1, "seed": seed,
+                         "primary": True})
     pd.DataFrame(rows).to_csv(run / "results.csv", index=False)
     return run

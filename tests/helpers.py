@@ -43,6 +43,23 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float
         f"{msg}: max abs difference {worst:.3g} exceeds {rel:g} x the largest entry {scale:.3g}")
 
 
+def linear_calls(fn):
+    """Run `fn()`; returns ([(output dtype, output device type, autocast on that device type)] for every nn.Linear
+    call made with gradients enabled (training forwards), fn's result)."""
+    calls = []
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Linear) and torch.is_tensor(output) and torch.is_grad_enabled():
+            calls.append((output.dtype, output.device.type, torch.is_autocast_enabled(output.device.type)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = fn()
+    finally:
+        handle.remove()
+    return calls, result
+
+
 # ov2-tiny on single-object built-in scenes at 64 px with the paper's keep ratio 0.35: long enough to learn colours
 # and (more slowly) shapes. Shared by the ov2 learning tests.
 OV2_LEARN = [

@@ -11,6 +11,8 @@ import torch
 from bridge_helpers import smollm2_tokenizer, write_clip_folder, write_our_checkpoint, write_tiny_llama_folder
 from PIL import Image
 
+from tests.helpers import linear_calls
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
@@ -148,8 +150,12 @@ def test_bf16_option_trains(tmp_path, ckpt, tokenizer):
 
     model, collate, _ = build(ckpt, tokenizer)
     cfg = StageConfig(stage=1, steps=2, batch_size=2, bf16=True, progress=False)
-    summary = train_stage(model, SynthInstructions(4, image_size=32), collate, cfg, tmp_path / "bf16")
+    calls, summary = linear_calls(
+        lambda: train_stage(model, SynthInstructions(4, image_size=32), collate, cfg, tmp_path / "bf16"))
     assert np.isfinite(summary["final_loss"])
+    device = next(model.parameters()).device.type
+    # the trained projector (and the LLM it feeds) run in bf16 under autocast on the model's device
+    assert len(calls) > 2 * 4 and set(calls) == {(torch.bfloat16, device, True)}, set(calls)
 
 
 def test_cli_train_export_chat(tmp_path, capsys):
@@ -167,9 +173,19 @@ def test_cli_train_export_chat(tmp_path, capsys):
     assert summary["stage2"]["steps"] == 2 and 0 <= summary["heldout"]["accuracy"] <= 1
     assert (out / "model" / "model.safetensors").is_file()
     assert main(["export", str(out), "--out", str(tmp_path / "re")]) == 0
+    from safetensors.torch import load_file
+
+    exported, original = load_file(str(tmp_path / "re" / "model.safetensors")), load_file(
+        str(out / "model" / "model.safetensors"))
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+    assert json.loads((tmp_path / "re" / "config.json").read_text())["model_type"] == "llava"
     Image.new("RGB", (32, 32), (20, 20, 200)).save(tmp_path / "img.png")
     capsys.readouterr()
     assert main(["chat", str(tmp_path / "re"), str(tmp_path / "img.png"), "What colour?", "--max-new-tokens=3"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
-    assert main(["train", "--encoder", str(enc), "--out", str(out), "--stage1.nope=3"]) == 2
-    assert main(["train", "--encoder", str(enc), "--out", str(out), "--stage1.steps=0"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out.endswith("\n") and printed.out.count("\n") == 1 and "Traceback" not in printed.err  # one answer
+    for bad, word in (("--stage1.nope=3", "nope"), ("--stage1.steps=0", "steps")):
+        assert main(["train", "--encoder", str(enc), "--out", str(out), bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0], err
+    assert json.loads((out / "summary.json").read_text()) == summary  # the refused runs left the run alone

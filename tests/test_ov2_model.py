@@ -1,46 +1,54 @@
 """OpenVision 2 model: prefix-LM mask, random token keep, caption loss = F.cross_entropy, generation."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from encoder.decoder import DecoderConfig, PrefixDecoder
+from encoder.config import get_preset
+from encoder.decoder import PrefixDecoder
 from encoder.losses import CaptionLoss
 from encoder.ov2 import IGNORE, OpenVision2, keep_random_tokens, shift_targets
-from encoder.tokenizer import EOS, PAD, get_tokenizer
-from encoder.vit import ViTConfig
+from encoder.tokenizer import BOS, EOS, PAD, get_tokenizer
+from tests.helpers import assert_close_scaled
 
-VIT = ViTConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64)
-DEC = DecoderConfig(width=32, depth=2, heads=2, mlp_dim=64, vocab_size=500, max_len=16)
+MICRO = get_preset("ov2-micro").model  # ViT 64 x 2 at 32 px, patch 8 (16 patches); decoder 64 x 1
+VIT, DEC = MICRO.vit, MICRO.decoder
+D = DEC.width
 
 
 def _decoder(mask="prefix"):
     torch.manual_seed(0)
-    return PrefixDecoder(DecoderConfig(**{**DEC.__dict__, "mask": mask})).eval()
+    return PrefixDecoder(dataclasses.replace(DEC, mask=mask)).eval()
+
+
+def _model(**kwargs) -> OpenVision2:
+    torch.manual_seed(0)
+    return OpenVision2(VIT, DEC, **kwargs)
 
 
 def test_prefix_lm_text_is_causal_and_image_ignores_text():
     dec = _decoder()
-    prefix = torch.randn(2, 5, 32)
-    text = torch.randn(2, 7, 32)
+    prefix = torch.randn(2, 5, D)
+    text = torch.randn(2, 7, D)
     changed = text.clone()
-    changed[:, 4] += torch.randn(32)  # change a later text token
+    changed[:, 4] += torch.randn(D)  # change a later text token
     a = dec(prefix, text, return_prefix=True)
     b = dec(prefix, changed, return_prefix=True)
     assert torch.equal(a[:, : 5 + 4], b[:, : 5 + 4])  # image tokens and earlier text positions unchanged
     assert not torch.allclose(a[:, 5 + 4:], b[:, 5 + 4:])  # the changed position and later ones do change
     # image-token outputs do not depend on any text at all
-    c = dec(prefix, torch.randn(2, 3, 32), return_prefix=True)
-    torch.testing.assert_close(a[:, :5], c[:, :5], rtol=0, atol=1e-6)
+    c = dec(prefix, torch.randn(2, 3, D), return_prefix=True)
+    assert_close_scaled(a[:, :5], c[:, :5], rel=1e-6, msg="image tokens with other text")
 
 
 def test_image_tokens_see_each_other_under_prefix_lm_but_not_under_causal():
-    prefix = torch.randn(1, 5, 32)
+    prefix = torch.randn(1, 5, D)
     changed = prefix.clone()
-    changed[:, 4] += torch.randn(32)  # change the last image token
-    text = torch.randn(1, 3, 32)
+    changed[:, 4] += torch.randn(D)  # change the last image token
+    text = torch.randn(1, 3, D)
     for mask, first_changes in (("prefix", True), ("causal", False)):
         dec = _decoder(mask)
         a, b = dec(prefix, text, return_prefix=True), dec(changed, text, return_prefix=True)
@@ -59,8 +67,7 @@ def test_keep_count_no_replacement_and_per_sample_randomness():
 
 
 def test_keep_only_in_training_unless_asked():
-    torch.manual_seed(0)
-    model = OpenVision2(VIT, DEC, keep_ratio=0.25)
+    model = _model(keep_ratio=0.25)
     pixels = torch.randn(2, 3, 32, 32)
     assert model.train().image_prefix(pixels).shape[1] == 4  # floor(16 * 0.25)
     assert model.eval().image_prefix(pixels).shape[1] == 16
@@ -77,22 +84,38 @@ def test_targets_shift_once_and_ignore_pad():
 
 @pytest.mark.parametrize("impl", ["eager", "auto"])
 def test_caption_loss_equals_cross_entropy_on_logits(impl):
-    torch.manual_seed(0)
-    model = OpenVision2(VIT, DEC).eval()
-    tokens = get_tokenizer()(["a red circle", "two small blue squares at the top left"], 16) % 500
-    tokens[tokens == 0] = PAD
+    model = _model().eval()
+    tokens = get_tokenizer()(["a red circle", "two small blue squares at the top left"], DEC.max_len)
     out = model(torch.randn(2, 3, 32, 32), tokens)
+    assert (out["caption_targets"] == IGNORE).any()  # the shorter caption's pads are ignored
     loss = CaptionLoss(2.0, impl=impl)(out)["caption_loss"]
     logits = model.decoder.logits(out["caption_hidden"])
     expected = 2.0 * F.cross_entropy(logits.flatten(0, 1), out["caption_targets"].flatten(), ignore_index=IGNORE)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert_close_scaled(loss, expected, rel=1e-5, msg=impl)
 
 
-def test_greedy_generation_stops_at_eos():
-    torch.manual_seed(0)
-    model = OpenVision2(VIT, DEC).eval()
+def test_greedy_generation_stops_at_eos_and_pads_after_it():
+    """A head whose argmax is eos when the hidden state points along v and word 7 otherwise: each row writes 7s
+    until its own hidden state turns, so rows stop at different steps."""
+    model = _model().eval()
+    v = torch.randn(D)
     with torch.no_grad():
         model.decoder.head.weight.zero_()
-        model.decoder.head.weight[EOS] = 1.0  # a head that always prefers eos when hidden sums are positive
-    out = model.generate(torch.randn(3, 3, 32, 32), max_len=10)
-    assert out.shape[0] == 3 and out.shape[1] <= 10 and (out[:, 0] == 1).all()
+        model.decoder.head.weight[EOS] = v
+        model.decoder.head.weight[7] = -v
+    pixels = torch.randn(8, 3, 32, 32)
+    max_len = 12
+    out = model.generate(pixels, max_len=max_len)
+    assert out.shape[0] == 8 and out.shape[1] <= max_len and (out[:, 0] == BOS).all()
+    ends = []
+    for row, image in zip(out.tolist(), pixels):
+        assert set(row[1:]) <= {7, EOS, PAD}, row
+        end = row.index(EOS) if EOS in row else len(row)
+        assert all(t == 7 for t in row[1:end]) and all(t == PAD for t in row[end + 1:]), row  # pad after eos only
+        ends.append(end)
+        alone = model.generate(image[None], max_len=max_len)[0].tolist()  # each row as if generated alone
+        assert alone == row[: len(alone)] and all(t == PAD for t in row[len(alone):]), (alone, row)
+    assert len(set(ends)) > 1 and out.shape[1] == max_len, ends  # some rows ended early, some ran to max_len
+    finished = [i for i, row in enumerate(out.tolist()) if EOS in row]
+    early = model.generate(pixels[finished], max_len=max_len)  # only rows that end: generation stops with them
+    assert early.shape[1] == max(ends[i] for i in finished) + 1 < max_len, early

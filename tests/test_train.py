@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from encoder.checkpoint import latest_checkpoint, load_model
+from encoder.config import apply_overrides, get_preset
 from encoder.data.synth import COLOURS, SHAPES, make_scene
 from encoder.data.transforms import eval_transform
 from encoder.tokenizer import get_tokenizer
-from tests.helpers import ROOT, records
+from tests.helpers import ROOT, linear_calls, records
 
 
 @pytest.mark.slow
@@ -112,3 +113,15 @@ def test_existing_run_needs_resume(cli, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     after = _final_weights(run)  # the refused run left the user's checkpoint alone
     assert all(torch.equal(before[k], after[k]) for k in before) and [r["step"] for r in records(run)] == [2, 3]
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_runs_under_autocast_on_the_models_device(tmp_path, bf16):
+    from encoder.train import train
+
+    cfg = apply_overrides(get_preset("ov2-micro"), [f"--bf16={bf16}", "--stages.0.steps=2", "--stages.1.steps=1"])
+    calls, _ = linear_calls(lambda: train(cfg, str(tmp_path / "run")))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    expected = (torch.bfloat16, device, True) if bf16 else (torch.float32, device, False)
+    assert len(calls) > 3 * 10 and set(calls) == {expected}, set(calls)  # every Linear of the three steps
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(str(tmp_path / "run")))

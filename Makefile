@@ -1,5 +1,7 @@
 # Two commands for a fresh machine (Python 3.11, gcc, the local torch wheel):
-#   make demo   creates .venv, installs everything, trains ov2-tiny on built-in data into runs/demo
+#   make demo   creates .venv, installs everything, runs the default experiment (ov2 vs ov1 vs clip: pretrain,
+#               bridge to SmolLM2, evaluate with lmms-eval) and writes runs/default/report/index.html
+#   make quick  the same experiment as a few-minute smoke run -> runs/default-quick/report/index.html
 #   make test   creates .venv if needed, runs the test suite (CPU)
 # A second run reinstalls nothing: .venv/.installed records the install.
 
@@ -11,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install lint clean
+.PHONY: demo quick test install lint clean
 
 install: $(STAMP)
 
@@ -26,9 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ov2 train --preset ov2-tiny --out runs/demo $(if $(wildcard runs/demo/checkpoints),--resume,)
-	$(VENV)/bin/ov2 data samples --n 4 --out runs/demo/samples
-	$(VENV)/bin/ov2 caption --ckpt runs/demo runs/demo/samples/*.png
+	$(VENV)/bin/ov2 run benchmarks/experiments/default.yaml --out runs/default
+
+quick: $(STAMP)
+	$(VENV)/bin/ov2 run benchmarks/experiments/default.yaml --quick --out runs/default-quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -75,13 +75,3 @@ class OpenVision2(nn.Module):
             if done.all():
                 break
         return out
-
-    @torch.no_grad()
-    def log_likelihood(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """[B]: summed log-probability of each caption (targets after bos, eos included) given its image."""
-        from encoder.kernels import linear_cross_entropy
-
-        out = self.forward(pixels, tokens)
-        h, t = out["caption_hidden"], out["caption_targets"]
-        nll = linear_cross_entropy(h.flatten(0, 1), out["caption_head"], t.flatten(), reduction="none")
-        return -nll.view(t.shape).sum(dim=1)

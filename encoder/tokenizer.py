@@ -51,10 +51,51 @@ class Tokenizer:
         return out
 
     def decode(self, ids) -> str:
+        """Caption text of token ids (up to the first eos; bos, pad and other special or unused rows dropped),
+        detokenised as a person writes it: `the word "zebra".`, `values: a 5, b 3.`, `x-ray`, `3.5`."""
         ids = [int(i) for i in ids]
         if EOS in ids:
             ids = ids[: ids.index(EOS)]
-        return self._tok.decode([i for i in ids if i not in (PAD, BOS)], skip_special_tokens=True)
+        words: list[str] = []
+        for i in ids:
+            piece = self._tok.id_to_token(i) if 0 <= i < self.vocab_size else None
+            if piece is None or (piece.startswith("[") and piece.endswith("]")):
+                continue
+            if piece.startswith("##") and words:
+                words[-1] += piece[2:]
+            else:
+                words.append(piece)
+        return detokenize(words)
+
+
+CLOSING = set(".,;:!?)]}%")  # no space before
+OPENING = set("([{")  # no space after
+JOINING = set("'-/")  # no space on either side: it's, x-ray, km/h
+
+
+def detokenize(words: list[str]) -> str:
+    """Join WordPiece words with the spacing of written English; straight double quotes alternate open / close."""
+    out = ""
+    glue = True  # the next word attaches without a space
+    glue_digit = False  # ... only if it starts with a digit (after "3." or "1,")
+    quote_open = False
+    for word in words:
+        if word == '"':
+            out += word if quote_open or glue else " " + word
+            glue = quote_open = not quote_open
+            glue_digit = False
+        elif word in CLOSING:
+            glue_digit = word in ".," and out[-1:].isdigit()  # 3.5, 1,000: the number goes on
+            out += word
+            glue = False
+        elif word in JOINING:
+            out += word
+            glue, glue_digit = True, False
+        else:
+            attach = glue or (glue_digit and word[:1].isdigit())
+            out += word if attach else " " + word
+            glue, glue_digit = word in OPENING, False
+    return out
 
 
 @functools.lru_cache(maxsize=4)

@@ -15,6 +15,7 @@ from encoder.data.shards import write_synth_shards
 from encoder.data.sources import FolderSource, ShardSource, SynthSource, expand_shards
 from encoder.data.synth import COLOURS, SHAPES, make_scene
 from encoder.data.transforms import eval_transform, train_transform
+from encoder.tokenizer import BOS, EOS, PAD, get_tokenizer
 
 
 def test_scenes_are_deterministic_and_captioned():
@@ -124,3 +125,20 @@ def test_sampler_is_a_pure_function_of_position():
     epoch0 = sorted(i for batch in first[:2] for _, i in batch) + sorted(i for _, i in first[2][:2])
     assert sorted(epoch0) == list(range(10))  # one epoch visits every sample once
     assert len(SynthSource(0, 100).split(1, 4)) == 25
+
+
+def test_captions_decode_as_a_person_writes_them():
+    from encoder.data import fashion_mnist as fm
+
+    tok = get_tokenizer()
+    captions = [make_scene(0, i, 64).caption for i in range(60)]
+    captions += [text for label in range(10) for text in (*fm.describe(label, label), *fm.class_prompts(label))]
+    assert {make_scene(0, i, 64).kind for i in range(60)} == {"shapes", "text", "chart"}
+    for caption in captions:
+        assert tok.decode(tok.encode(caption)) == caption.lower()
+    for text in ('the word "zebra" written in red letters.', "values: a 5, b 3.", "it's a well-known x-ray (small) "
+                 "of 3.5 cm/s, 1,000 times!", '"quoted" first; then "two" quotes?'):
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode("a red circle")
+    assert tok.decode([*ids, 7, 8]) == "a red circle"  # stops at eos
+    assert tok.decode([BOS, PAD, *ids[1:-1], 30_600, PAD, EOS]) == "a red circle"  # pads and unused rows dropped

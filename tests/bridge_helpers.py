@@ -149,3 +149,22 @@ def write_tiny_llama_folder(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_tiny_llava(folder: Path, seed: int = 1, image_size: int = 32):
+    """A tiny LLaVA (our ViT checkpoint + random 2-layer Llama, projector scaled up so that answers depend on the
+    image) exported as a standard folder. Returns (model, processor) as assembled in memory."""
+    from bridge.assemble import assemble
+    from bridge.export import export_llava
+    from bridge.llm import tiny_llama
+    from bridge.towers import load_tower
+
+    tokenizer = smollm2_tokenizer()
+    write_our_checkpoint(Path(folder).with_name(Path(folder).name + "-encoder"), seed=seed, image_size=image_size)
+    tower = load_tower(Path(folder).with_name(Path(folder).name + "-encoder"))
+    model, processor = assemble(tower, tiny_llama(tokenizer, seed=seed, init_std=0.3), tokenizer, seed=seed)
+    with torch.no_grad():
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(4.0)
+    export_llava(model.eval(), processor, folder)
+    return model, processor

@@ -57,16 +57,21 @@ def balanced(candidates: Iterable[dict], quota: dict[Hashable, int], key: Callab
     raise RuntimeError(f"candidates ran out with quotas left: { {k: v for k, v in left.items() if v} }")
 
 
-def interleave(records: list[dict], key: Callable[[dict], Hashable]) -> list[dict]:
-    """Round-robin over keys (in first-seen order), each key's records in their order; ids renumbered."""
-    groups: dict[Hashable, list[dict]] = {}
-    for r in records:
-        groups.setdefault(key(r), []).append(r)
+def _round_robin(groups: dict) -> list:
     out = []
     while any(groups.values()):
         for k in list(groups):
             if groups[k]:
                 out.append(groups[k].pop(0))
+    return out
+
+
+def interleave(records: list[dict], key: Callable[[dict], Hashable]) -> list[dict]:
+    """Round-robin over question types, and within a type over keys (first-seen order); ids renumbered."""
+    by_type: dict[Hashable, dict[Hashable, list[dict]]] = {}
+    for r in records:
+        by_type.setdefault(r["type"], {}).setdefault(key(r), []).append(r)
+    out = _round_robin({t: _round_robin(groups) for t, groups in by_type.items()})
     for i, r in enumerate(out):
         r["id"] = i
     return out

@@ -95,11 +95,11 @@ def mme_scores(records: list[dict]) -> dict:
 
 
 def pope_scores(records: list[dict]) -> dict:
-    """Records carry "target" ("yes"/"no") and "said" (the parsed answer: "yes", "no" or None, counted as "no")."""
+    """Records carry "target" ("yes"/"no") and "said" ("yes", "no" or None: no answer, wrong either way)."""
     tp = sum(r["said"] == "yes" and r["target"] == "yes" for r in records)
     fp = sum(r["said"] == "yes" and r["target"] == "no" for r in records)
     fn = sum(r["said"] != "yes" and r["target"] == "yes" for r in records)
-    tn = sum(r["said"] != "yes" and r["target"] == "no" for r in records)
+    tn = sum(r["said"] == "no" and r["target"] == "no" for r in records)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0

@@ -1,0 +1,299 @@
+"""`ov2 eval`: score any standard LLaVA folder with lmms-eval's own `llava_hf` model, task by task.
+
+    ov2 eval runs/llava/model --tasks ov2_gqa,ov2_pope --out runs/eval                # built-in suite
+    ov2 eval runs/llava/model --tasks ov2_gqa --limit 20 --out /tmp/smoke             # CPU smoke (20 questions)
+    ov2 eval llava-1.5-7b-hf/ --tasks pope,gqa --out runs/eval7b                      # lmms-eval tasks, data cached
+
+Built-in tasks (benchmarks/suite; their YAMLs in benchmarks/tasks) read their data from DATA/<task> and build it
+there when it is missing (DATA defaults to OUT/data). Any other name is an lmms-eval task; its data must be in the
+Hugging Face cache (nothing is downloaded). Each task runs in its own `simple_evaluate` call (a crash raises, it
+does not exit 0), so one failing task (missing data, an lmms-eval ERROR, mostly empty answers) leaves the others.
+
+OUT/scores.json         {"model", "data_dir", "tasks": {task: {"status", "error", "primary", "metrics": {m: {"value",
+                        "stderr"}}, "n", "chance", "wall_s"}}}
+OUT/samples/<task>.jsonl  {"doc_id", "question", "target", "prediction", "score", "type"} per question
+OUT/lmms_eval/          lmms-eval's own files: <task>_results.json and <task>_samples_<task>.jsonl
+OUT/status.json         the stage's status (run-folder contract)
+Exit codes: 0 every task ok; 1 a task failed (one line each on stderr); 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.suite.tasks import TASKS, is_mean_metric
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
+OUTPUTS = ("scores.json", "samples", "lmms_eval")
+MAX_EMPTY = 0.5  # a task whose answers are more than half empty failed
+
+
+class BadInput(ValueError):
+    """Bad arguments: exit code 2."""
+
+
+class TasksFailed(RuntimeError):
+    """At least one task failed; the scores are written (the stage's status records the first failure)."""
+
+
+def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int, force: bool) -> None:
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise BadInput(f"{model_dir} is not a model folder (no config.json)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in LLAVA_TYPES:
+        raise BadInput(f"{model_dir} holds a {model_type!r} model; llava_hf evaluates {', '.join(LLAVA_TYPES)}")
+    if not tasks:
+        raise BadInput("no tasks given (--tasks a,b)")
+    if len(set(tasks)) != len(tasks):
+        raise BadInput(f"a task is named twice in {','.join(tasks)}")
+    if limit is not None and limit < 1:
+        raise BadInput(f"--limit must be at least 1, got {limit}")
+    if batch_size != 1:
+        raise BadInput("lmms-eval 0.7.3's llava_hf generates one question at a time: --batch-size must be 1")
+    if not force and any((out / name).exists() for name in OUTPUTS):
+        raise BadInput(f"{out} already holds evaluation results: choose another --out or pass --force")
+
+
+def load_model(model_dir: str | Path, batch_size: int = 1):
+    """lmms-eval's `llava_hf` (the class its registry resolves the name to) on the folder, on CUDA if present."""
+    import torch
+    from lmms_eval.models import get_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = f"pretrained={Path(model_dir).resolve()},device={device},device_map={device}"
+    return get_model("llava_hf").create_from_arg_string(args, {"batch_size": batch_size})
+
+
+def quiet_lmms_eval() -> None:
+    """lmms-eval logs through loguru (DEBUG by default, to stdout once its models module is imported): keep
+    warnings and errors, on stderr."""
+    import lmms_eval.models  # noqa: F401  (its import resets loguru's handlers)
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="lmms-eval {level}: {message}")
+
+
+def _dataset_of(task_manager, name: str) -> str:
+    """The dataset an lmms-eval task reads (its YAML's dataset_path), for error messages."""
+    from lmms_eval.utils import load_yaml_config
+
+    try:
+        config = load_yaml_config(task_manager.task_index[name]["yaml_path"], mode="simple")
+        return f"dataset {config.get('dataset_path')} (Hugging Face cache)"
+    except Exception:
+        return f"the dataset of lmms-eval task {name}"
+
+
+def _task_input(name: str, data_dir: Path, lm):
+    """A built-in task as a Task object on DATA/<task> (its data loaded); an lmms-eval task by name."""
+    from lmms_eval.api.task import ConfigurableMessagesTask, ConfigurableTask
+
+    if name not in TASKS:
+        return name
+    from lmms_eval.utils import load_yaml_config
+
+    config = load_yaml_config(str(TASKS_DIR / f"{name}.yaml"), mode="full")
+    config["dataset_path"] = str((data_dir / name).resolve())
+    cls = ConfigurableTask if lm.is_simple else ConfigurableMessagesTask
+    return cls(config=config, model_name="llava_hf")
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value) else None
+
+
+def _prediction(sample: dict) -> str:
+    resp = sample.get("filtered_resps", [""])
+    resp = resp[0] if isinstance(resp, list) and resp else resp
+    resp = resp[0] if isinstance(resp, list) and resp else resp
+    return resp if isinstance(resp, str) else str(getattr(resp, "text", resp or ""))
+
+
+def _scores_entry(name: str, result: dict, samples: list[dict]) -> tuple[dict, list[dict]]:
+    """(scores.json entry, our sample lines) from lmms-eval's results of one task."""
+    from benchmarks.suite import metrics as suite_metrics
+
+    spec = TASKS.get(name)
+    if spec is not None:
+        records = [s[spec.primary] for s in samples if isinstance(s.get(spec.primary), dict)]
+        names = [m for m in spec.metrics if f"{m},none" in result]
+        primary, chance = spec.primary, spec.chance
+    else:
+        names = [k.split(",")[0] for k in result if "," in k and "_stderr" not in k]
+        records, primary, chance = [], names[0] if names else None, None
+    out = {}
+    for m in names:
+        stderr = _number(result.get(f"{m}_stderr,none"))
+        if stderr is None and spec is not None:
+            if is_mean_metric(m):
+                stderr = _number(result.get(f"{m}_stderr_clt,none"))
+            if stderr is None:
+                subset = [r for r in records if not m.startswith("acc_") or r["type"] == m[4:]]
+                stderr = suite_metrics.stderr(m, subset)
+        value = result[f"{m},none"]
+        out[m] = {"value": _number(value) if _number(value) is not None else value, "stderr": stderr}
+    lines = []
+    for s in samples:
+        doc = s.get("doc") or {}
+        score = s.get(primary)
+        score = score.get("score") if isinstance(score, dict) else _number(score)
+        question = doc.get("question")
+        if spec is not None and question is not None:
+            from bridge.data import LETTER, SHORT
+
+            question += {SHORT: SHORT, LETTER: LETTER}[spec.suffix]
+        elif question is None:
+            args = s.get("arguments")
+            question = args[0] if isinstance(args, (list, tuple)) and args and isinstance(args[0], str) else None
+        lines.append({"doc_id": s.get("doc_id"), "question": question, "target": str(s.get("target")),
+                      "prediction": _prediction(s), "score": score, "type": doc.get("type")})
+    return {"primary": primary, "metrics": out, "chance": chance}, lines
+
+
+def run_task(lm, name: str, data_dir: Path, out: Path, limit: int | None, task_manager) -> dict:
+    """Evaluate one task -> its scores.json entry; raises with one line on failure."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.loggers import EvaluationTracker
+    from loguru import logger
+
+    errors: list[str] = []
+    sink = logger.add(lambda m: errors.append(m.record["message"].strip().splitlines()[0]), level="ERROR")
+    tracker = EvaluationTracker(output_path=str(out / "lmms_eval"))
+    model = lm._model  # simple_evaluate ends with lm.clean(), which deletes the model: put it back afterwards
+    try:
+        try:
+            task = _task_input(name, data_dir, lm)
+        except Exception as err:
+            line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            where = data_dir / name if name in TASKS else _dataset_of(task_manager, name)
+            raise RuntimeError(f"data missing: {where} could not be loaded (nothing is downloaded): {line}") from err
+        try:
+            results = simple_evaluate(model=lm, model_args="", tasks=[task], limit=limit, bootstrap_iters=1000,
+                                      log_samples=True, evaluation_tracker=tracker, task_manager=task_manager,
+                                      verbosity="WARNING", datetime_str=name)
+        except Exception as err:
+            if name in TASKS:
+                raise
+            line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise RuntimeError(f"lmms-eval task {name} failed (its data: {_dataset_of(task_manager, name)}; "
+                               f"nothing is downloaded): {line}") from err
+    finally:
+        logger.remove(sink)
+        lm._model = model
+    if results is None or name not in results.get("results", {}):
+        raise RuntimeError(f"lmms-eval returned no results for {name}")
+    samples = results.pop("samples", {}).get(name, [])
+    entry, lines = _scores_entry(name, results["results"][name], samples)
+    tracker.general_config_tracker.model_name_sanitized = ""
+    tracker.save_results_aggregated(results=results, samples={name: samples}, datetime_str=name)
+    tracker.save_results_samples(task_name=name, samples=samples)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    (out / "samples" / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    entry["n"] = len(lines)
+    empty = sum(not line["prediction"].strip() for line in lines)
+    if errors:
+        raise RuntimeError(f"lmms-eval logged an ERROR: {errors[0]}")
+    if not lines or empty > MAX_EMPTY * len(lines):
+        raise RuntimeError(f"{empty} of {len(lines)} answers are empty")
+    return entry
+
+
+def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_dir=None, batch_size: int = 1,
+             force: bool = False, progress: bool = True) -> dict:
+    """Evaluate a LLaVA folder on `tasks` -> the scores dict (also OUT/scores.json). Raises BadInput for bad
+    arguments; a failing task is recorded in the scores (status "failed") and the others still run."""
+    from encoder.core.runfolder import RunLock, track
+
+    model_dir, out = Path(model_dir), Path(out)
+    data_dir = Path(data_dir) if data_dir is not None else out / "data"
+    tasks = list(tasks)
+    _check(model_dir, tasks, out, limit, batch_size, force)
+    quiet_lmms_eval()
+    from lmms_eval.tasks import TaskManager
+
+    task_manager = TaskManager("ERROR", include_path=str(TASKS_DIR), model_name="llava_hf")
+    unknown = [t for t in tasks if t not in TASKS and t not in task_manager.all_tasks]
+    if unknown:
+        raise BadInput(f"unknown task(s) {', '.join(unknown)}: built-in are {', '.join(TASKS)}; others must be "
+                       "lmms-eval task names (python -m lmms_eval tasks list)")
+    scores = {"model": str(model_dir), "data_dir": str(data_dir), "tasks": {}}
+    with RunLock(out):
+        for name in OUTPUTS:
+            path = out / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        try:
+            with track(out, tasks=tasks, model=str(model_dir), limit=limit):
+                lm = load_model(model_dir, batch_size)
+                for name in tasks:
+                    scores["tasks"][name] = _one(lm, name, data_dir, out, limit, task_manager, progress)
+                    (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+                failed = [f"{t}: {e['error']}" for t, e in scores["tasks"].items() if e["status"] != "ok"]
+                if failed:
+                    raise TasksFailed("; ".join(failed))
+        except TasksFailed:
+            pass
+    return scores
+
+
+def _one(lm, name: str, data_dir: Path, out: Path, limit, task_manager, progress: bool) -> dict:
+    from benchmarks.suite.build import build_task, has_data
+
+    start = time.time()
+    spec = TASKS.get(name)
+    try:
+        if spec is not None and not has_data(data_dir / name):
+            try:
+                build_task(name, data_dir / name)
+            except (FileNotFoundError, OSError) as err:
+                raise RuntimeError(f"data missing: {data_dir / name} could not be built: {err}") from err
+        entry = {"status": "ok", "error": None, **run_task(lm, name, data_dir, out, limit, task_manager)}
+    except Exception as err:
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        entry = {"status": "failed", "error": line, "primary": spec.primary if spec else None, "metrics": {},
+                 "n": 0, "chance": spec.chance if spec else None}
+    entry["wall_s"] = round(time.time() - start, 2)
+    if progress:
+        if entry["status"] == "ok":
+            m = entry["metrics"].get(entry["primary"], {})
+            print(f"{name}: {entry['primary']} {m.get('value')} (n={entry['n']}, {entry['wall_s']} s)", file=sys.stderr)
+        else:
+            print(f"{name}: failed: {entry['error']}", file=sys.stderr)
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ov2 eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("model", help="a LLaVA folder (config.json + weights + processor files)")
+    parser.add_argument("--tasks", required=True,
+                        help=f"comma-separated; built-in: {','.join(TASKS)}; or lmms-eval task names")
+    parser.add_argument("--out", required=True, help="output folder (scores.json, samples/, lmms_eval/)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many questions per task")
+    parser.add_argument("--data", default=None, help="built-in task data folder (default OUT/data; built if missing)")
+    parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (llava_hf: 1)")
+    parser.add_argument("--force", action="store_true", help="replace earlier results in OUT")
+    args = parser.parse_args(argv)
+    try:
+        scores = evaluate(args.model, [t for t in args.tasks.split(",") if t], args.out, args.limit, args.data,
+                          args.batch_size, args.force)
+    except BadInput as err:
+        print(f"ov2 eval: {err}", file=sys.stderr)
+        return 2
+    failed = [t for t, e in scores["tasks"].items() if e["status"] != "ok"]
+    print(json.dumps({t: e["metrics"].get(e["primary"], {}).get("value") for t, e in scores["tasks"].items()}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

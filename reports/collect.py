@@ -6,7 +6,7 @@
     RUN/encoders/<enc>/eval/scores.json, samples/<task>.jsonl -> run["scores"], run["samples"]
     RUN/encoders/<enc>/pretrain/metrics.jsonl, bridge/stage{1,2}/metrics.jsonl -> run["curves"]
     RUN/encoders/<enc>/encoder_eval/result.json              -> run["encoder_eval"]
-    benchmarks/reference/<paper>.csv, benchmarks/results/cost_*.csv, kernels_cpu.md -> load_paper/load_cost/...
+    benchmarks/reference/<paper>.csv, benchmarks/results/kernels_cpu.md -> load_paper, load_markdown_tables
 
 Missing or unreadable files give empty tables: a report of a half-finished run must still build.
 """
@@ -176,17 +176,6 @@ def load_paper(name: str | None, reference_dir: Path = REFERENCE_DIR) -> pd.Data
         return pd.read_csv(path)
     except (OSError, ValueError):
         return None
-
-
-def load_cost(results_dir: Path = RESULTS_DIR) -> pd.DataFrame | None:
-    """The cost benchmark's tables (benchmarks/results/cost_*.csv) stacked, with a `source` column; None if none."""
-    frames = []
-    for path in sorted(Path(results_dir).glob("cost_*.csv")):
-        try:
-            frames.append(pd.read_csv(path).assign(source=path.stem))
-        except (OSError, ValueError):
-            continue
-    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def load_markdown_tables(path: Path) -> list[dict]:

@@ -60,9 +60,10 @@ def task_chart(title: str, bars: list[dict], chance: float | None, unit: str, co
     if with_err:
         ax.errorbar(with_err, [values[i] for i in with_err], yerr=[errors[i] for i in with_err], fmt="none",
                     capsize=3, elinewidth=1, ecolor="#333333")
+    top = max([v + e for v, e in zip(values, errors)] + [chance or 0.0, 1e-9])
     for i, b in enumerate(bars):
         if b["value"] is None:
-            ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8, color="#999999")
+            ax.text(i, top * 0.5, "no result", ha="center", va="center", fontsize=7, color="#999999", rotation=90)
     if chance:  # an open-answer task (chance 0) gets no line
         ax.axhline(chance, color="#555555", linestyle="--", linewidth=1)
         ax.annotate("chance", (1.0, chance), xycoords=("axes fraction", "data"), ha="right", va="bottom",
@@ -70,7 +71,6 @@ def task_chart(title: str, bars: list[dict], chance: float | None, unit: str, co
     ax.set_xticks(range(len(bars)), [_plain(n) for n in names])
     ax.set_title(_plain(title), loc="left")
     ax.set_ylabel(unit)
-    top = max([v + e for v, e in zip(values, errors)] + [chance or 0.0, 1e-9])
     ax.set_ylim(0, top * 1.15)
     ax.grid(axis="x", visible=False)
     return svg_uri(fig)

@@ -101,32 +101,41 @@ def build_summary(run: dict) -> dict:
                                 "sign": "up" if r["diff"] > 0 else "down"}
             cells.append(cell)
         rows.append({"encoder": enc, "reference": enc == ref, "cells": cells})
-    return {"columns": columns, "rows": rows, "reference": ref, "diffs": diffs,
+    scores = [c["label"] for c in columns if not c["percent"]]
+    note = (f"{_names(scores)} as {'a score' if len(scores) == 1 else 'scores'}, the rest in %" if scores
+            else "all in %")
+    return {"columns": columns, "rows": rows, "reference": ref, "diffs": diffs, "unit_note": note,
             "sentence": _sentence(rows, columns, ref, run)}
 
 
 def _sentence(rows: list[dict], columns: list[dict], ref: str | None, run: dict) -> str:
-    if not rows:
+    """What the run shows, in words: who leads, and which differences from the reference are real."""
+    if not rows or not columns:
         return "No evaluation results were found in this run folder."
     wins = {r["encoder"]: sum(c["best"] for c in r["cells"]) for r in rows}
     leader = max(wins, key=wins.get)
-    parts = [f"{leader} has the best score on {wins[leader]} of {len(columns)} tasks"]
+    text = f"{leader} has the best score on {wins[leader]} of {len(columns)} tasks."
     for r in rows:
-        if r["reference"]:
+        diffs = [(col["label"], c["diff"]) for col, c in zip(columns, r["cells"]) if "diff" in c]
+        if r["reference"] or not diffs:
             continue
-        diffs = [c["diff"] for c in r["cells"] if "diff" in c]
-        if not diffs:
-            continue
-        up = sum(d["significant"] and d["sign"] == "up" for d in diffs)
-        down = sum(d["significant"] and d["sign"] == "down" for d in diffs)
-        parts.append(f"{r['encoder']} is reliably better than {ref} on {up} and worse on {down} of {len(diffs)} "
-                     f"tasks ({len(diffs) - up - down} within noise)")
-    text = "; ".join(parts) + " (95% paired bootstrap over the same questions)."
-    broken = sorted({s for s in run["status"].loc[run["status"]["state"].isin(["failed", "interrupted"]),
-                                                  "encoder"]})
+        up = [label for label, d in diffs if d["significant"] and d["sign"] == "up"]
+        down = [label for label, d in diffs if d["significant"] and d["sign"] == "down"]
+        said = [f"better on {_names(up)}"] if up else []
+        said += [f"worse on {_names(down)}"] if down else []
+        noise = len(diffs) - len(up) - len(down)
+        said += [f"within noise on {'all' if noise == len(diffs) else noise} of {len(diffs)} tasks"] if noise else []
+        text += f" Against {ref}, {r['encoder']} is {', '.join(said)}."
+    text += " (Real = the 95% paired-bootstrap interval over the same questions excludes zero.)"
+    status = run["status"]
+    broken = sorted(set(status.loc[status["state"].isin(["failed", "interrupted"]), "encoder"]))
     if broken:
         text += f" Stages failed for {', '.join(broken)}: see Failures."
     return text
+
+
+def _names(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
 
 
 def build_comparison(a: dict, b: dict) -> dict:

@@ -233,3 +233,23 @@ def test_real_browser_renders_the_report(report, xss_report, tmp_path):
                 page.close()
         finally:
             browser.close()
+
+
+def test_efficiency_ratios_to_ov2(report, tmp_path):
+    run, _ = report
+    results = tmp_path / "results"
+    results.mkdir()
+    pd.DataFrame([
+        {"variant": "ov2", "family": "ov2", "image_size": 64, "batch": 16, "step_s": 0.5, "images_per_s": 32.0,
+         "peak_mib": 900.0},
+        {"variant": "ov1", "family": "ov1", "image_size": 64, "batch": 16, "step_s": 0.8, "images_per_s": 20.0,
+         "peak_mib": 1350.0},
+    ]).to_csv(results / "cost_train_cpu.csv", index=False)
+    path = build_report(run, out=tmp_path / "r.html", results_dir=results)
+    tables = [t for t in parse_tables(path).values() if t and "step_s / ov2" in [c[1] for c in t[0]]]
+    assert len(tables) == 1
+    header = [c[1] for c in tables[0][0]]
+    ov1 = [c[1] for c in tables[0][2]]
+    assert float(ov1[header.index("step_s / ov2")]) == pytest.approx(1.6)
+    assert float(ov1[header.index("peak_mib / ov2")]) == pytest.approx(1.5)
+    assert float(ov1[header.index("images_per_s / ov2")]) == pytest.approx(0.625, abs=0.006)  # two decimals

@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+import errno
 import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -31,8 +32,15 @@ def check_out(out: str | Path) -> None:
     probe = out
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {probe} is not writable")
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out}: {probe} is a file, not a folder")
+    try:  # really write (os.access says yes to root on a read-only file system)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise ConfigError(f"--out {out}: no space left on the device") from None
+        raise ConfigError(f"--out {out}: {probe} is not writable ({err.strerror})") from None
     free_mb = shutil.disk_usage(probe).free / 2**20
     if free_mb < MIN_FREE_MB:
         raise ConfigError(f"--out {out}: no space left on the device ({free_mb:.0f} MB free)")

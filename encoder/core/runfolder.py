@@ -106,12 +106,16 @@ class RunLock:
     """An exclusive, non-blocking lock on RUN/.lock for as long as the `with` block runs (released on any exit,
     kill -9 included, since the kernel drops the process's record locks with it; forked children never hold it)."""
 
+    _held: set[str] = set()  # record locks do not exclude the process itself: remember what it holds
+
     def __init__(self, run: str | Path):
         self.run = Path(run)
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
         self.run.mkdir(parents=True, exist_ok=True)
+        if str(self.run.resolve()) in RunLock._held:
+            raise RunLocked(f"{self.run} is in use by pid {os.getpid()} on {socket.gethostname()} (this process)")
         fd = os.open(self.run / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:  # a POSIX record lock: not inherited by forked data-loader workers, dropped when this process dies
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,6 +127,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd
+        RunLock._held.add(str(self.run.resolve()))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -130,6 +135,7 @@ class RunLock:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            RunLock._held.discard(str(self.run.resolve()))
 
 
 def check_unlocked(run: str | Path) -> None:
@@ -137,6 +143,8 @@ def check_unlocked(run: str | Path) -> None:
     path = Path(run) / ".lock"
     if not path.is_file():
         return
+    if str(Path(run).resolve()) in RunLock._held:  # (and never open+close the lock file of a lock we hold)
+        raise RunLocked(f"{run} is in use by pid {os.getpid()} on {socket.gethostname()} (this process)")
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -139,31 +139,39 @@ def _names(labels: list[str]) -> str:
 
 
 def build_comparison(a: dict, b: dict) -> dict:
-    """Two runs side by side: per encoder and task, A's value, B's value, and B - A with a paired bootstrap over the
-    questions both runs answered (same doc_id), in the table's unit."""
+    """Two runs side by side: per encoder, run A's row, run B's row, and B - A in the table's unit with a 95% paired
+    bootstrap over the questions both runs answered (same doc_id), in percentage points of questions."""
     from reports.stats import paired_bootstrap
 
     sa, sb = build_summary(a), build_summary(b)
-    cols_b = {c["task"]: i for i, c in enumerate(sb["columns"])}
-    rows_b = {r["encoder"]: r for r in sb["rows"]}
+    columns = sa["columns"] + [c for c in sb["columns"] if c["task"] not in {x["task"] for x in sa["columns"]}]
     rows = []
-    for ra in sa["rows"]:
-        rb = rows_b.get(ra["encoder"])
-        for i, col in enumerate(sa["columns"]):
-            ca = ra["cells"][i]
-            cb = rb["cells"][cols_b[col["task"]]] if rb is not None and col["task"] in cols_b else None
-            row = {"encoder": ra["encoder"], "task": col["label"], "a": ca["text"], "b": cb["text"] if cb else "—",
-                   "diff": "—", "ci": "", "significant": False}
-            if cb and ca["value"] is not None and cb["value"] is not None:
-                scale = 100.0 if col["percent"] else 1.0
-                row["diff"] = f"{(cb['value'] - ca['value']) * scale:+.1f}"
-                pa = a["samples"][(a["samples"]["encoder"] == ra["encoder"]) & (a["samples"]["task"] == col["task"])]
-                pb = b["samples"][(b["samples"]["encoder"] == ra["encoder"]) & (b["samples"]["task"] == col["task"])]
-                both = pa[["doc_id", "score"]].merge(pb[["doc_id", "score"]], on="doc_id").dropna()
-                if len(both):
-                    r = paired_bootstrap(both["score_x"], both["score_y"])
-                    row["ci"] = f"[{r['lo'] * 100:+.1f}, {r['hi'] * 100:+.1f}] pp, {r['n']} questions"
-                    row["significant"] = r["significant"]
-            rows.append(row)
-    return {"a": a["name"], "b": b["name"], "a_dir": str(a["dir"]), "b_dir": str(b["dir"]), "rows": rows,
-            "summary_b": sb}
+    for enc in list(dict.fromkeys([r["encoder"] for r in sa["rows"]] + [r["encoder"] for r in sb["rows"]])):
+        cells = {}
+        for side, summ in (("a", sa), ("b", sb)):
+            row = next((r for r in summ["rows"] if r["encoder"] == enc), None)
+            index = {c["task"]: i for i, c in enumerate(summ["columns"])}
+            cells[side] = [row["cells"][index[c["task"]]] if row is not None and c["task"] in index else None
+                           for c in columns]
+        diffs = []
+        for col, ca, cb in zip(columns, cells["a"], cells["b"]):
+            if not ca or not cb or ca["value"] is None or cb["value"] is None:
+                diffs.append(None)
+                continue
+            scale = 100.0 if col["percent"] else 1.0
+            d = {"text": f"{(cb['value'] - ca['value']) * scale:+.1f}", "ci": "", "significant": False,
+                 "sign": "up" if cb["value"] > ca["value"] else "down"}
+            pick = [s[(s["encoder"] == enc) & (s["task"] == col["task"])][["doc_id", "score"]]
+                    for s in (a["samples"], b["samples"])]
+            both = pick[0].merge(pick[1], on="doc_id").dropna()
+            if len(both):
+                r = paired_bootstrap(both["score_x"], both["score_y"])
+                d.update(ci=f"[{r['lo'] * 100:+.1f}, {r['hi'] * 100:+.1f}]", significant=r["significant"], n=r["n"])
+            diffs.append(d)
+        rows.append({"encoder": enc, "a": [c["text"] if c else "—" for c in cells["a"]],
+                     "b": [c["text"] if c else "—" for c in cells["b"]], "diff": diffs})
+    label_a, label_b = a["name"], b["name"]
+    if label_a == label_b:
+        label_a, label_b = a["dir"].name, b["dir"].name
+    return {"a": label_a, "b": label_b, "a_dir": str(a["dir"]), "b_dir": str(b["dir"]), "columns": columns,
+            "rows": rows}

@@ -181,11 +181,17 @@ def test_compare_puts_two_runs_side_by_side(report, tmp_path):
     path = build_report(run, compare=other)
     assert path.name == "compare_run_b.html"
     rows = [[c[1].strip() for c in r] for r in parse_tables(path)["compare-table"][1:]]
-    clip = [r for r in rows if r[0] == "clip"]
-    assert clip and all(r[2] == "—" for r in clip)  # run A's clip failed; run B's has numbers
-    assert any(r[3] != "—" for r in clip)
-    ov1 = [r for r in rows if r[0] == "ov1" and r[1] == "POPE"][0]
-    assert "questions" in ov1[5]  # a paired interval over the questions both runs answered
+    clip = rows[6:9]  # encoder rows come in threes: A, B, B - A
+    assert clip[0][0] == "clip" and clip[0][1].startswith("A") and set(clip[0][2:]) == {"—"}  # A's clip failed
+    assert all(v != "—" for v in clip[1][1:])  # B's clip has numbers
+    ov1_delta = rows[5]
+    assert rows[3][0] == "ov1" and ov1_delta[0] == "B − A"
+    values = []
+    for folder in (run, other):
+        t = pd.read_csv(folder / "results.csv")
+        values.append(float(t[(t.encoder == "ov1") & (t.task == "ov2_pope") & (t.metric == "f1")]["value"].iloc[0]))
+    got = numbers(ov1_delta[1 + list(TASKS).index("ov2_pope")].replace("[", " ").replace("]", " ").replace(",", " "))
+    assert got[0] == pytest.approx((values[1] - values[0]) * 100, abs=0.05) and got[1] <= got[2]
 
 
 def _browser():

@@ -1,0 +1,113 @@
+"""`ov2 eval` through lmms-eval's own llava_hf (real lmms-eval, a tiny exported LLaVA): files written, lmms-eval's
+logged answers equal our direct generation path, a task without data fails alone, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from bridge_helpers import write_tiny_llava
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+LIMIT = 4
+
+
+def test_lmms_eval_installed_and_importable():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lmms_eval", "--help"], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eval" in proc.stdout
+    from lmms_eval.evaluator import simple_evaluate
+
+    assert callable(simple_evaluate)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """One `ov2 eval` call: two built-in tasks and one whose data is missing (built-in data folder left empty)."""
+    from benchmarks.evaluate import main
+
+    root = tmp_path_factory.mktemp("eval")
+    model, processor = write_tiny_llava(root / "model")
+    (root / "data" / "ov2_sqa" / "test").mkdir(parents=True)  # looks like a data folder, holds nothing
+    (root / "data" / "ov2_sqa" / "dataset_dict.json").write_text('{"splits": ["test"]}')
+    code = main([str(root / "model"), "--tasks", "ov2_gqa,ov2_sqa,ov2_pope", "--limit", str(LIMIT),
+                 "--out", str(root / "out"), "--data", str(root / "data")])
+    return root, code
+
+
+def test_eval_writes_scores_samples_and_lmms_eval_files(evaluated, capsys):
+    root, code = evaluated
+    out = root / "out"
+    assert code == 1  # one task failed
+    scores = json.loads((out / "scores.json").read_text())
+    assert list(scores["tasks"]) == ["ov2_gqa", "ov2_sqa", "ov2_pope"]
+    for name, primary, chance in (("ov2_gqa", "exact_match", 0.1454), ("ov2_pope", "f1", 0.5)):
+        entry = scores["tasks"][name]
+        assert entry["status"] == "ok" and entry["error"] is None and entry["n"] == LIMIT
+        assert entry["primary"] == primary and entry["chance"] == pytest.approx(chance, abs=1e-3)
+        assert 0.0 <= entry["metrics"][primary]["value"] <= 1.0 and entry["wall_s"] > 0
+        lines = [json.loads(x) for x in (out / "samples" / f"{name}.jsonl").read_text().splitlines()]
+        assert [x["doc_id"] for x in lines] == list(range(LIMIT))
+        assert all(set(x) == {"doc_id", "question", "target", "prediction", "score", "type"} for x in lines)
+        assert all(x["score"] in (0.0, 1.0) and x["prediction"] for x in lines)
+        assert (out / "lmms_eval" / f"{name}_results.json").is_file()
+        assert (out / "lmms_eval" / f"{name}_samples_{name}.jsonl").is_file()
+    assert "acc_colour" in scores["tasks"]["ov2_gqa"]["metrics"]
+    assert {"accuracy", "yes_ratio", "precision", "recall"} <= set(scores["tasks"]["ov2_pope"]["metrics"])
+    failed = scores["tasks"]["ov2_sqa"]
+    assert failed["status"] == "failed" and "\n" not in failed["error"]
+    assert "data missing" in failed["error"] and "ov2_sqa" in failed["error"]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].startswith("ov2_sqa: data missing")
+    assert len(list((root / "data" / "ov2_gqa").rglob("*.arrow"))) == 1  # built on demand
+
+
+def test_lmms_eval_answers_equal_bridge_answer(evaluated):
+    import datasets
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from benchmarks.suite.tasks import TASKS
+    from bridge.evaluate import answer
+
+    root, _ = evaluated
+    model = LlavaForConditionalGeneration.from_pretrained(root / "model").eval()
+    processor = AutoProcessor.from_pretrained(root / "model")
+    compared = 0
+    for name in ("ov2_gqa", "ov2_pope"):
+        logged = [json.loads(x) for x in
+                  (root / "out" / "lmms_eval" / f"{name}_samples_{name}.jsonl").read_text().splitlines()]
+        data = datasets.load_from_disk(str(root / "data" / name))["test"]
+        for sample in logged:
+            doc = data[sample["doc_id"]]
+            prompt = doc["question"] + TASKS[name].suffix
+            assert sample["input"] == prompt
+            ours = answer(model, processor, [doc["image"].convert("RGB")], [prompt], max_new_tokens=16)[0]
+            assert sample["filtered_resps"].strip() == ours
+            compared += 1
+    assert compared == 2 * LIMIT
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    from benchmarks.evaluate import main
+
+    assert main([str(tmp_path / "nope"), "--tasks", "ov2_gqa", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no config.json" in err
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama"}')
+    assert main([str(tmp_path / "m"), "--tasks", "ov2_gqa", "--out", str(tmp_path / "o")]) == 2
+    assert "llava" in capsys.readouterr().err
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llava"}')
+    assert main([str(tmp_path / "m"), "--tasks", "ov2_gqa", "--limit", "0", "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "scores.json").write_text("{}")
+    assert main([str(tmp_path / "m"), "--tasks", "ov2_gqa", "--out", str(tmp_path / "o")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "o" / "scores.json").read_text() == "{}"  # untouched

@@ -10,7 +10,6 @@ template's few inline lines that sort tables. Every string from the run folder g
 from __future__ import annotations
 
 import html
-import math
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,37 +18,14 @@ import jinja2
 import pandas as pd
 
 from reports import collect, figures
+from reports.efficiency import efficiency
 from reports.examples import build_examples
+from reports.paper import family, paper_section
 from reports.summary import build_comparison, build_summary, task_label
+from reports.tables import fmt
 
 TEMPLATES = Path(__file__).with_name("templates")
 GENERATOR = "ov2 report"
-
-
-def _fmt(x, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if isinstance(x, float):
-        return f"{x:,.{digits}f}"
-    return str(x)
-
-
-def table(df: pd.DataFrame | None, digits: int = 2) -> dict | None:
-    """A DataFrame as {"columns": [...], "rows": [[text...]], "numeric": [bool...]} for the template."""
-    if df is None or df.empty:
-        return None
-    df = df.copy()
-    for c in df.columns:  # numbers parsed from text (markdown tables) count as numbers when all of them parse
-        if df[c].dtype == object:
-            parsed = pd.to_numeric(df[c], errors="coerce")
-            if parsed.notna().all():
-                df[c] = parsed
-    # right-align a column when most of it is numbers (a markdown table's "not run" rows stay text)
-    numeric = [pd.api.types.is_numeric_dtype(df[c]) or pd.to_numeric(df[c], errors="coerce").notna().mean() > 0.6
-               for c in df.columns]
-    rows = [[_fmt(v, digits) if not (isinstance(v, float) and v.is_integer() and abs(v) > 1000) else f"{v:,.0f}"
-             for v in row] for row in df.itertuples(index=False)]
-    return {"columns": [str(c) for c in df.columns], "rows": rows, "numeric": numeric}
 
 
 def _task_charts(summary: dict, colour: dict) -> list[dict]:
@@ -109,127 +85,6 @@ def _pct(x) -> str:
     return "—" if x is None or pd.isna(x) else f"{100 * float(x):.1f}"
 
 
-IDENTIFIERS = ("variant", "family", "preset", "image_size", "batch", "keep_ratio", "text_passes", "counting")
-MEASURES = ("gflops", "paper_gflops", "step_s", "step_time_s", "images_per_s", "peak_mib", "peak_mem_mb", "net_mib")
-
-
-def cost_table(cost: pd.DataFrame, reference_family: str) -> pd.DataFrame:
-    """One cost_*.csv with `measure / ref` columns: each row divided by the reference family's first row that shares
-    its preset, image size and batch (whichever of those the file has)."""
-    ids = [c for c in IDENTIFIERS if c in cost.columns]
-    measures = [c for c in MEASURES if c in cost.columns and pd.api.types.is_numeric_dtype(cost[c])]
-    shown = cost[ids + measures].copy()
-    if "family" not in cost.columns:
-        return shown
-    keys = [c for c in ("preset", "image_size", "batch") if c in cost.columns]
-    for m in measures:
-        ratios = []
-        for _, row in cost.iterrows():
-            same = cost[(cost["family"].astype(str) == reference_family) & cost[m].notna()]
-            for k in keys:
-                same = same[same[k] == row[k]]
-            base = float(same[m].iloc[0]) if len(same) else float("nan")
-            ratios.append(row[m] / base if base and pd.notna(row[m]) else float("nan"))
-        if any(pd.notna(r) for r in ratios):
-            shown[f"{m} / {reference_family}"] = ratios
-    return shown
-
-
-def _efficiency(reference_family: str, results_dir: Path) -> dict | None:
-    kernels = collect.load_markdown_tables(results_dir / "kernels_cpu.md")
-    costs = []
-    for path in sorted(results_dir.glob("cost_*.csv")):
-        try:
-            costs.append({"name": path.stem, "table": table(cost_table(pd.read_csv(path), reference_family))})
-        except (OSError, ValueError, KeyError):
-            continue
-    out = {"cost": [c for c in costs if c["table"]], "paper": _paper_efficiency(collect.REFERENCE_DIR),
-           "kernels": [{"text": b.get("text"), "heading": b.get("heading"), "table": table(b.get("table"))}
-                       for b in kernels], "reference": reference_family}
-    return out if out["cost"] or out["paper"] or any(b["table"] for b in out["kernels"]) else None
-
-
-PAPER_METHODS = {"ov2": "OpenVision 2", "ov1": "OpenVision", "clip": "OpenAI-CLIP"}
-
-
-def _family(run: dict, enc: str) -> str:
-    for text in (collect.encoder_family(run["experiment"], enc), enc):
-        head = str(text).lower().split("-")[0]
-        if head in PAPER_METHODS:
-            return head
-    return ""
-
-
-def _paper(run: dict, summary: dict) -> dict | None:
-    """The paper table, and for each of our encoders the paper's difference from OpenVision 2 beside ours."""
-    name = run["experiment"].get("paper")
-    paper = collect.load_paper(name)
-    if paper is None:
-        return {"name": name, "missing": True, "table": None, "pairs": []} if name else None
-    cols = [c for c in ("framework", "method", "encoder", "resolution") if c in paper.columns]
-    ours_cols = [(col["label"], collect.TASKS.get(col["task"], (None, None))[1]) for col in summary["columns"]]
-    metric_cols = [c for _, c in ours_cols if c and c in paper.columns]
-    labels = {c: lab for lab, c in ours_cols if c}
-    shown = paper[cols + metric_cols].rename(columns=labels)
-    return {"name": name, "missing": False, "table": table(shown, digits=1), "pairs": _paper_pairs(run, summary, paper)}
-
-
-def _paper_pairs(run: dict, summary: dict, paper: pd.DataFrame) -> list[dict]:
-    ref = summary["reference"]
-    if "method" not in paper.columns or not ref or _family(run, ref) not in PAPER_METHODS:
-        return []
-    if "framework" in paper.columns and (paper["framework"] == "llava-1.5").any():
-        paper = paper[paper["framework"] == "llava-1.5"]  # the recipe our bridge follows
-    keys = [c for c in ("encoder", "resolution") if c in paper.columns]
-    ref_rows = paper[paper["method"] == PAPER_METHODS[_family(run, ref)]]
-    out = []
-    for row in summary["rows"]:
-        method = PAPER_METHODS.get(_family(run, row["encoder"]))
-        if row["reference"] or row["missing"] or not method:
-            continue
-        both = paper[paper["method"] == method].merge(ref_rows, on=keys, suffixes=("", "_ref"))
-        if both.empty:
-            continue
-        lines = []
-        for j, col in enumerate(summary["columns"]):
-            pcol = collect.TASKS.get(col["task"], (None, None))[1]
-            mine = row["cells"][j]["value"]
-            base = next(r["cells"][j]["value"] for r in summary["rows"] if r["reference"])
-            if pcol not in paper.columns or mine is None or base is None:
-                continue
-            scale = 100.0 if col["percent"] else 1.0
-            ours = (mine - base) * scale
-            theirs = float((both[pcol] - both[f"{pcol}_ref"]).mean())
-            agree = "—" if abs(ours) < 1e-9 or abs(theirs) < 1e-9 else ("yes" if (ours > 0) == (theirs > 0) else "no")
-            lines.append({"task": col["label"], "ours": f"{ours:+.1f}", "paper": f"{theirs:+.1f}", "agree": agree})
-        configs = ", ".join(f"{r.encoder} {r.resolution}" if "resolution" in keys else str(r.encoder)
-                            for r in both[keys].itertuples(index=False))
-        out.append({"encoder": row["encoder"], "method": method, "reference": ref,
-                    "reference_method": PAPER_METHODS[_family(run, ref)], "configs": configs, "lines": lines})
-    return out
-
-
-def _paper_efficiency(reference_dir: Path) -> list[dict]:
-    """OpenVision 2 / OpenVision ratios from the paper's efficiency table (benchmarks/reference/efficiency.csv)."""
-    try:
-        eff = pd.read_csv(Path(reference_dir) / "efficiency.csv")
-    except (OSError, ValueError):
-        return []
-    out = []
-    for (_, enc, res, batch), group in eff.groupby(["table", "encoder", "resolution", "batch"], dropna=False,
-                                                 sort=False):
-        pair = group.set_index("method")
-        if not {"OpenVision", "OpenVision 2"} <= set(pair.index):
-            continue
-        for col, what in (("train_hours", "training time"), ("gflops_per_image", "FLOPs per image"),
-                          ("peak_mem_gb", "peak memory per chip")):
-            a, b = pair.loc["OpenVision 2", col], pair.loc["OpenVision", col]
-            if pd.notna(a) and pd.notna(b) and b:
-                setting = f"{enc}, {res:.0f} px" + (f", batch {batch:.0f}" if pd.notna(batch) else "")
-                out.append({"what": what, "setting": setting, "ratio": f"{a / b:.2f}"})
-    return out
-
-
 def _failures(run: dict) -> list[dict]:
     st = run["status"]
     bad = st[st["state"].isin(["failed", "interrupted", "skipped", "running"])]
@@ -248,7 +103,7 @@ def _provenance(run: dict) -> dict:
     nested = {k: v for k, v in prov.items() if isinstance(v, dict)}
     argv = prov.get("argv")
     stages = [{"encoder": r.encoder, "stage": r.stage, "state": r.state, "started": r.started or "",
-               "finished": r.finished or "", "wall_s": _fmt(r.wall_s, 1), "peak": _fmt(r.peak_rss_mb, 0),
+               "finished": r.finished or "", "wall_s": fmt(r.wall_s, 1), "peak": fmt(r.peak_rss_mb, 0),
                "key": r.key or ""} for r in run["status"].itertuples(index=False)]
     configs = [{"encoder": enc, "name": name, "text": text} for (enc, name), text in run["configs"].items()]
     experiment = (run["dir"] / "experiment.yaml")
@@ -278,8 +133,8 @@ def context(run_dir: Path, compare: Path | None = None, results_dir: Path | None
         "charts": _task_charts(summary, colour),
         "examples": build_examples(run["samples"], run["encoders"], run["data_dir"]),
         "curves": _curves(run, colour), "encoder_eval": _encoder_eval(run, colour),
-        "efficiency": _efficiency(_family(run, ref) or "ov2", Path(results_dir or collect.RESULTS_DIR)),
-        "paper": _paper(run, summary), "failures": _failures(run), "provenance": _provenance(run),
+        "efficiency": efficiency(family(run, ref) or "ov2", Path(results_dir or collect.RESULTS_DIR)),
+        "paper": paper_section(run, summary), "failures": _failures(run), "provenance": _provenance(run),
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "generator": GENERATOR,
     }
     if compare is not None:

@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -259,3 +260,38 @@ def test_efficiency_ratios_to_ov2(report, tmp_path):
     assert float(ov1[header.index("step_s / ov2")]) == pytest.approx(1.6)
     assert float(ov1[header.index("peak_mib / ov2")]) == pytest.approx(1.5)
     assert float(ov1[header.index("images_per_s / ov2")]) == pytest.approx(0.625, abs=0.006)  # two decimals
+
+
+def test_parquet_only_run_without_paper_table(tmp_path):
+    run = write_run(tmp_path / "run", failed=None, n=8, with_data=False)
+    table = pd.read_csv(run / "results.csv")
+    table.to_parquet(run / "results.parquet")
+    (run / "results.csv").unlink()
+    (run / "experiment.yaml").write_text((run / "experiment.yaml").read_text().replace(
+        "llava15_openvision2", "no_such_table"))
+    html = build_report(run).read_text()
+    assert "benchmarks/reference/no_such_table.csv is not there" in html
+    rows = parse_tables(run / "report" / "index.html")["summary-table"]
+    ov2 = table[(table.encoder == "ov2") & (table.task == "ov2_seed") & (table.metric == "accuracy")]["value"].iloc[0]
+    seed = [c[1].strip() for c in rows[0]].index("SEED%")
+    assert numbers(rows[1][seed][1])[0] == pytest.approx(ov2 * 100, abs=0.05)
+    assert "<img class=\"thumb\"" not in html  # no data folder: examples without pictures, and no error
+
+
+def test_paper_differences_beside_ours(report):
+    run, path = report
+    reference = Path(__file__).resolve().parents[1] / "benchmarks" / "reference" / "llava15_openvision2.csv"
+    paper = pd.read_csv(reference)
+    paper = paper[paper.framework == "llava-1.5"]
+    pairs = paper[paper.method == "OpenVision"].merge(paper[paper.method == "OpenVision 2"],
+                                                     on=["encoder", "resolution"], suffixes=("", "_ov2"))
+    expected = (pairs["pope"] - pairs["pope_ov2"]).mean()
+    html = path.read_text()
+    assert "different scale and data" in html
+    table = next(t for t in parse_tables(path).values() if t and [c[1] for c in t[0]][:3] == ["task", "ours", "paper"])
+    pope = next(r for r in table if r[0][1] == "POPE")
+    assert float(pope[2][1]) == pytest.approx(expected, abs=0.05)
+    summary = parse_tables(path)["summary-table"]
+    col = [c[1].strip() for c in summary[0]].index("POPE%")
+    ours = numbers(summary[2][col][1])[0] - numbers(summary[1][col][1])[0]
+    assert float(pope[1][1]) == pytest.approx(ours, abs=0.11)

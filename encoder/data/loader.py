@@ -59,9 +59,10 @@ def random_sentence(caption: str, rng: np.random.Generator) -> str:
 
 class CaptionDataset(Dataset):
     def __init__(self, source, image_size: int, seed: int, crop_min_scale: float = 0.4, jitter: float = 0.4,
-                 grayscale_p: float = 0.2):
+                 grayscale_p: float = 0.2, **augment):
         self.source, self.image_size, self.seed = source, image_size, seed
-        self.augment = dict(scale=(crop_min_scale, 1.0), jitter=jitter, grayscale_p=grayscale_p)
+        # augment: hue, jitter_p, resize of `train_transform`
+        self.augment = dict(scale=(crop_min_scale, 1.0), jitter=jitter, grayscale_p=grayscale_p, **augment)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -101,7 +102,8 @@ class Collate:
 def make_loader(source, data_cfg, image_size: int, batch_size: int, seed: int, start: int, max_len: int) -> DataLoader:
     """An endless loader from sample `start` on; `data_cfg` is the run's DataConfig (augmentation, workers)."""
     dataset = CaptionDataset(source, image_size, seed, data_cfg.crop_min_scale, data_cfg.color_jitter,
-                             data_cfg.grayscale_p)
+                             data_cfg.grayscale_p, hue=data_cfg.hue_jitter, jitter_p=data_cfg.color_jitter_p,
+                             resize=data_cfg.resize)
     workers = data_cfg.workers
     sampler = ResumableBatchSampler(len(source), batch_size, seed, start)
     return DataLoader(

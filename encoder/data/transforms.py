@@ -1,8 +1,14 @@
 """Image transforms in PIL + numpy (no torchvision), deterministic given a numpy Generator.
 
-train: random resized crop (scale 0.4-1, ratio 3/4-4/3) -> colour jitter (brightness, contrast, saturation
-0.4) -> random grayscale (p 0.2) -> tensor -> ImageNet normalisation. eval: resize the short side, centre
-crop, normalise. Output: float32 [3, S, S].
+train: random resized crop (scale 0.4-1, ratio 3/4-4/3; bilinear or bicubic, antialiased: PIL widens the filter
+when it shrinks) -> with probability `jitter_p`, colour jitter in random order (brightness, contrast, saturation
+factors from [1 - jitter, 1 + jitter]; hue shifted by up to +-`hue` of the colour circle when hue > 0) -> random
+grayscale (p 0.2) -> tensor -> ImageNet normalisation. eval: resize the short side, centre crop, normalise.
+Output: float32 [3, S, S].
+
+The released OpenVision recipe is SimCLR's jitter with strength 0.4 (brightness / contrast / saturation 0.32,
+hue 0.08) applied with p 0.8, grayscale p 0.2, bilinear resize (`encoder.config.RELEASED_DATA`, the paper
+presets' default). The tiny presets keep a gentle jitter on every image and no hue (built-in scenes name colours).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import math
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -24,7 +32,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, scale=(0.4, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> Image.Image:
+                        ratio=(3 / 4, 4 / 3), resize: str = "bicubic") -> Image.Image:
     width, height = image.size
     area = width * height
     for _ in range(10):
@@ -33,14 +41,28 @@ def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-            return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+            return image.resize((size, size), RESAMPLE[resize], box=(left, top, left + w, top + h))
     return center_crop(image, size)
 
 
-def color_jitter(image: Image.Image, rng: np.random.Generator, strength: float = 0.4) -> Image.Image:
-    for enhance in rng.permutation(3):
-        factor = rng.uniform(1 - strength, 1 + strength)
-        image = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[enhance](image).enhance(factor)
+def adjust_hue(image: Image.Image, shift: float) -> Image.Image:
+    """Rotate the hue by `shift` (a fraction of the colour circle, in [-0.5, 0.5]), as torchvision does on PIL."""
+    if shift == 0:
+        return image  # the HSV round trip itself is lossy
+    h, s, v = image.convert("HSV").split()
+    hue = np.asarray(h, dtype=np.uint8) + np.uint8(round(shift * 255) % 256)  # wraps around modulo 256
+    return Image.merge("HSV", (Image.fromarray(hue, "L"), s, v)).convert("RGB")
+
+
+def color_jitter(image: Image.Image, rng: np.random.Generator, strength: float = 0.4, hue: float = 0.0) -> Image.Image:
+    """Brightness, contrast, saturation (factors from [1 - strength, 1 + strength]) and, when hue > 0, a hue shift
+    from [-hue, hue], in a random order."""
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for op in rng.permutation(4 if hue > 0 else 3):
+        if op == 3:
+            image = adjust_hue(image, rng.uniform(-hue, hue))
+        else:
+            image = enhancers[op](image).enhance(rng.uniform(max(0.0, 1 - strength), 1 + strength))
     return image
 
 
@@ -54,9 +76,11 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def train_transform(image: Image.Image, size: int, rng: np.random.Generator, scale=(0.4, 1.0), jitter: float = 0.4,
-                    grayscale_p: float = 0.2) -> torch.Tensor:
-    image = random_resized_crop(image.convert("RGB"), size, rng, scale)
-    image = color_jitter(image, rng, jitter)
+                    grayscale_p: float = 0.2, hue: float = 0.0, jitter_p: float = 1.0,
+                    resize: str = "bicubic") -> torch.Tensor:
+    image = random_resized_crop(image.convert("RGB"), size, rng, scale, resize=resize)
+    if jitter_p >= 1.0 or rng.random() < jitter_p:  # p 1 draws nothing: the tiny presets' stream stays as it was
+        image = color_jitter(image, rng, jitter, hue)
     if rng.random() < grayscale_p:
         image = image.convert("L").convert("RGB")
     return to_tensor(image)

@@ -1,0 +1,1 @@
+"""Training-cost benchmarks: forward FLOPs per image (`flops`) and measured training cost (`train`)."""

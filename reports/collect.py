@@ -2,7 +2,8 @@
 
     RUN/experiment.yaml, RUN/run.json                        -> run["experiment"], run["provenance"]
     RUN/results.csv (or results.parquet)                     -> run["results"]  (tidy: encoder, task, metric, value...)
-    RUN/encoders/<enc>/<stage>/status.json                   -> run["status"]   (encoder, stage, state, error, ...)
+    RUN/encoders/<enc>/<stage>/status.json (+ stage.json's command, the tail of a failed stage's stage.log)
+                                                             -> run["status"]   (encoder, stage, state, error, ...)
     RUN/encoders/<enc>/eval/scores.json, samples/<task>.jsonl -> run["scores"], run["samples"]
     RUN/encoders/<enc>/pretrain/metrics.jsonl, bridge/stage{1,2}/metrics.jsonl -> run["curves"]
     RUN/encoders/<enc>/encoder_eval/result.json              -> run["encoder_eval"]
@@ -38,6 +39,7 @@ ENCODER_TASKS = {"fmnist_probe": "linear probe", "fmnist_zeroshot": "zero-shot",
                  "fmnist_probe_init": "random-init probe"}
 CURVES = {"pretrain": ("pretrain", "metrics.jsonl"), "bridge stage 1": ("bridge", "stage1/metrics.jsonl"),
           "bridge stage 2": ("bridge", "stage2/metrics.jsonl")}
+STATUS_FIELDS = ("state", "error", "wall_s", "peak_rss_mb", "started", "finished", "key")
 RESULT_COLUMNS = ["experiment", "encoder", "task", "metric", "value", "stderr", "n", "chance", "seed", "primary"]
 
 
@@ -131,8 +133,13 @@ def load_run(run_dir: str | Path) -> dict:
         for stage in STAGES:
             st = read_status(folder / stage)
             if st is not None:
-                status.append({"encoder": enc, "stage": stage, **{k: st.get(k) for k in
-                               ("state", "error", "wall_s", "peak_rss_mb", "started", "finished", "key")}})
+                command = _json(folder / stage / "stage.json").get("command")
+                log = None
+                if st.get("state") in ("failed", "interrupted") and (folder / stage / "stage.log").is_file():
+                    log = "\n".join((folder / stage / "stage.log").read_text(errors="replace").splitlines()[-25:])
+                status.append({"encoder": enc, "stage": stage, **{k: st.get(k) for k in STATUS_FIELDS},
+                               "command": " ".join(map(str, command)) if isinstance(command, list) else command,
+                               "log": log})
             for name in ("config.yaml", "stage1/config.yaml", "stage2/config.yaml"):
                 if (folder / stage / name).is_file():
                     configs[(enc, f"{stage}/{name}")] = (folder / stage / name).read_text(errors="replace")
@@ -160,8 +167,7 @@ def load_run(run_dir: str | Path) -> dict:
     return {
         "dir": run, "name": str(experiment.get("name") or run.name), "experiment": experiment,
         "provenance": _json(run / "run.json"), "results": results, "encoders": encoders,
-        "status": pd.DataFrame(status, columns=["encoder", "stage", "state", "error", "wall_s", "peak_rss_mb",
-                                                "started", "finished", "key"]),
+        "status": pd.DataFrame(status, columns=["encoder", "stage", *STATUS_FIELDS, "command", "log"]),
         "samples": samples[sample_cols], "scores": scores, "curves": curves.dropna(subset=["step", "loss"]),
         "encoder_eval": {k: v for k, v in enc_eval.items() if v}, "configs": configs, "data_dir": run / "data",
     }

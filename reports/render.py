@@ -85,15 +85,21 @@ def _pct(x) -> str:
     return "—" if x is None or pd.isna(x) else f"{100 * float(x):.1f}"
 
 
+def _text(x) -> str:
+    """A string field of a status table ('' for None or NaN)."""
+    return x if isinstance(x, str) else ""
+
+
 def _failures(run: dict) -> list[dict]:
     st = run["status"]
     bad = st[st["state"].isin(["failed", "interrupted", "skipped", "running"])]
-    out = [{"encoder": r.encoder, "stage": r.stage, "state": r.state, "error": r.error or ""}
+    out = [{"encoder": r.encoder, "stage": r.stage, "state": r.state, "error": _text(r.error), "log": _text(r.log)}
            for r in bad.itertuples(index=False)]
     for enc, scores in run["scores"].items():
         for task, info in (scores.get("tasks") or {}).items():
             if isinstance(info, dict) and info.get("status") == "failed":
-                out.append({"encoder": enc, "stage": f"eval: {task}", "state": "failed", "error": info.get("error")})
+                out.append({"encoder": enc, "stage": f"eval: {task}", "state": "failed", "error": info.get("error"),
+                            "log": ""})
     return out
 
 
@@ -102,9 +108,9 @@ def _provenance(run: dict) -> dict:
     flat = {k: v for k, v in prov.items() if not isinstance(v, dict | list)}
     nested = {k: v for k, v in prov.items() if isinstance(v, dict)}
     argv = prov.get("argv")
-    stages = [{"encoder": r.encoder, "stage": r.stage, "state": r.state, "started": r.started or "",
-               "finished": r.finished or "", "wall_s": fmt(r.wall_s, 1), "peak": fmt(r.peak_rss_mb, 0),
-               "key": r.key or ""} for r in run["status"].itertuples(index=False)]
+    stages = [{"encoder": r.encoder, "stage": r.stage, "state": r.state, "started": _text(r.started),
+               "finished": _text(r.finished), "wall_s": fmt(r.wall_s, 1), "peak": fmt(r.peak_rss_mb, 0),
+               "key": _text(r.key), "command": _text(r.command)} for r in run["status"].itertuples(index=False)]
     configs = [{"encoder": enc, "name": name, "text": text} for (enc, name), text in run["configs"].items()]
     experiment = (run["dir"] / "experiment.yaml")
     return {"flat": flat, "nested": nested, "argv": " ".join(map(str, argv)) if isinstance(argv, list) else argv,

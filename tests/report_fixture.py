@@ -128,8 +128,14 @@ def write_run(root: str | Path, encoders=("ov2", "ov1", "clip"), failed: tuple[s
                 _status(folder / stage, "ok", wall=10.0 * (i + 1))
             elif i == fail_at:
                 _status(folder / stage, "failed", error=f"RuntimeError: {stage} of {enc} ran out of memory at step 7")
+                (folder / stage / "stage.log").write_text(f"$ ov2 {stage}\nstep 6 loss 3.2\nTraceback (most recent "
+                                                          f"call last):\nRuntimeError: {stage} of {enc} ran out of "
+                                                          "memory at step 7\n")
             else:
                 _status(folder / stage, "skipped", error=f"needs {order[fail_at]}, which failed")
+        for stage in order:
+            (folder / stage / "stage.json").write_text(json.dumps({"stage": stage, "encoder": enc,
+                                                                   "command": ["ov2", stage, "--out", str(folder)]}))
         skill = SKILL.get(str(enc).split("-")[0], 0.5)
         (folder / "pretrain" / "config.yaml").write_text(yaml.safe_dump({"preset": f"{enc}-tiny", "steps": 40}))
         _jsonl(folder / "pretrain" / "metrics.jsonl", [

@@ -147,9 +147,11 @@ def test_failed_stage_is_named(report):
     html = path.read_text()
     failures = parse_tables(path)
     rows = [[c[1].strip() for c in r] for t in failures.values() for r in t]
-    assert ["clip", "bridge", "failed", "RuntimeError: bridge of clip ran out of memory at step 7"] in rows
+    failed = [r for r in rows if r[:3] == ["clip", "bridge", "failed"]]
+    assert failed and failed[0][3].startswith("RuntimeError: bridge of clip ran out of memory at step 7")
     assert ["clip", "eval", "skipped", "needs bridge, which failed"] in rows
     assert "bridge failed" in html  # the clip row of the summary says why it is empty
+    assert "step 6 loss 3.2" in html  # the tail of the failed stage's log
 
 
 def test_names_and_answers_are_escaped(xss_report):

@@ -284,12 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (llava_hf: 1)")
     parser.add_argument("--force", action="store_true", help="replace earlier results in OUT")
     args = parser.parse_args(argv)
+    from encoder.core.runfolder import RunLocked
+
     try:
         scores = evaluate(args.model, [t for t in args.tasks.split(",") if t], args.out, args.limit, args.data,
                           args.batch_size, args.force)
-    except BadInput as err:
+    except (BadInput, RunLocked) as err:
         print(f"ov2 eval: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ov2 eval: interrupted; run the same command with --force to evaluate again ({args.out})",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # the model could not be loaded, or lmms-eval broke outside a task
+        print(f"ov2 eval: failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
+        return 1
     failed = [t for t, e in scores["tasks"].items() if e["status"] != "ok"]
     print(json.dumps({t: e["metrics"].get(e["primary"], {}).get("value") for t, e in scores["tasks"].items()}))
     return 1 if failed else 0

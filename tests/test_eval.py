@@ -111,3 +111,21 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "m"), "--tasks", "ov2_gqa", "--out", str(tmp_path / "o")]) == 2
     assert "--force" in capsys.readouterr().err
     assert (tmp_path / "o" / "scores.json").read_text() == "{}"  # untouched
+
+
+def test_image_token_mismatch_fails_the_task(evaluated, tmp_path):
+    """A processor whose image-token count does not match the model: llava_hf logs an ERROR and answers ""."""
+    import shutil
+
+    from benchmarks.evaluate import evaluate
+
+    root, _ = evaluated
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "model", broken)
+    config = json.loads((broken / "processor_config.json").read_text())
+    config["num_additional_image_tokens"] = 0  # one image token fewer than the tower's features
+    (broken / "processor_config.json").write_text(json.dumps(config))
+    scores = evaluate(broken, ["ov2_gqa"], tmp_path / "out", limit=2, data_dir=root / "data", progress=False)
+    entry = scores["tasks"]["ov2_gqa"]
+    assert entry["status"] == "failed" and "ERROR" in entry["error"], entry["error"]
+    assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "failed"

@@ -11,6 +11,7 @@ Columns: id, image_id (int), image (PNG), question (without the prompt suffix), 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -45,13 +46,16 @@ def build_task(name: str, out: str | Path, n: int | None = None, seed: int | Non
     table = {c: [r[c] for r in rows] for c in COLUMNS}
     data = datasets.DatasetDict({"test": datasets.Dataset.from_dict(table, features=features)})
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # written aside, renamed once: never half a folder
     shutil.rmtree(tmp, ignore_errors=True)
     data.save_to_disk(str(tmp))
     (tmp / "ov2_suite.json").write_text(json.dumps({"task": name, "n": n, "seed": seed, "image_size": size,
                                                     "chance": spec.chance, "primary": spec.primary}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process built the same folder meanwhile (same arguments, same bytes)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

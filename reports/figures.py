@@ -20,6 +20,7 @@ plt.rcParams.update({
     "font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.edgecolor": "#888888",
     "axes.titlesize": 10, "axes.titleweight": "bold", "axes.grid": True, "grid.color": "#e6e6e6",
     "grid.linewidth": 0.6, "axes.axisbelow": True, "legend.frameon": False, "svg.hashsalt": "ov2",
+    "svg.fonttype": "none",  # text stays text (a third of the size); the browser draws it with its sans-serif
 })
 
 
@@ -49,6 +50,13 @@ def png_uri(image, size: int = 96) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _level(ax, y: float, label: str) -> None:
+    """A dashed horizontal line at y (chance, a floor), labelled just above its right end."""
+    ax.axhline(y, color="#555555", linestyle="--", linewidth=1)
+    ax.annotate(label, (1.0, y), xycoords=("axes fraction", "data"), xytext=(0, 2), textcoords="offset points",
+                ha="right", va="bottom", fontsize=7, color="#555555")
+
+
 def task_chart(title: str, bars: list[dict], chance: float | None, unit: str, colour: dict[str, str]) -> str:
     """Bars (encoder, value, stderr) with 1.96 x stderr error bars and chance as a dashed line."""
     fig, ax = plt.subplots(figsize=(3.3, 2.3))
@@ -65,9 +73,7 @@ def task_chart(title: str, bars: list[dict], chance: float | None, unit: str, co
         if b["value"] is None:
             ax.text(i, top * 0.5, "no result", ha="center", va="center", fontsize=7, color="#999999", rotation=90)
     if chance:  # an open-answer task (chance 0) gets no line
-        ax.axhline(chance, color="#555555", linestyle="--", linewidth=1)
-        ax.annotate("chance", (1.0, chance), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                    fontsize=7, color="#555555")
+        _level(ax, chance, "chance")
     ax.set_xticks(range(len(bars)), [_plain(n) for n in names])
     ax.set_title(_plain(title), loc="left")
     ax.set_ylabel(unit)
@@ -105,9 +111,7 @@ def grouped_chart(title: str, groups: list[str], series: dict[str, list[float | 
         ax.bar(xs, [v if v is not None else 0.0 for v in values], width=width * 0.92,
                color=colour.get(enc, "#999999"), label=_plain(enc))
     if floor is not None:
-        ax.axhline(floor, color="#555555", linestyle="--", linewidth=1)
-        ax.annotate(floor_label, (1.0, floor), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                    fontsize=7, color="#555555")
+        _level(ax, floor, floor_label)
     ax.set_xticks(range(len(groups)), [_plain(g) for g in groups])
     ax.set_ylabel(unit)
     ax.set_title(_plain(title), loc="left")

@@ -7,7 +7,7 @@ with cumulative seconds, summary.json), eval/ (scores.json, samples/<task>.jsonl
 encoder_eval/result.json; each with status.json. The `failed` stage gets state failed with an error line and the
 stages after it that need it (export -> bridge -> eval) state skipped. RUN/results.csv is computed from the samples,
 so the summary, the samples and the results agree as a real run's would. RUN/data/<task>/ holds small PIL images
-(datasets.save_to_disk, doc_id = row index) with question/answer columns.
+(a DatasetDict with a test split, as the suite writes it; doc_id = row index) with question/answer columns.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _metrics(task: str, score: np.ndarray, targets: list[str], preds: list[str])
 
 def write_data(run: Path, n: int) -> dict:
     """RUN/data/<task>/ for every task; returns {task: (questions, answers, types)}."""
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
 
     truth = {}
     for t, (task, (_, _, types, answers)) in enumerate(TASKS.items()):
@@ -96,8 +96,9 @@ def write_data(run: Path, n: int) -> dict:
             questions[0] = "Which tag is written: <b>bold</b> or <i>italic</i>?"
         truth[task] = (questions, [answers[(i * 7 + t) % len(answers)] for i in range(n)],
                        [types[i % len(types)] for i in range(n)])
-        Dataset.from_dict({"image": [_image(i + 10 * t) for i in range(n)], "question": questions,
-                           "answer": truth[task][1]}).save_to_disk(str(run / "data" / task))
+        split = Dataset.from_dict({"id": list(range(n)), "image": [_image(i + 10 * t) for i in range(n)],
+                                   "question": questions, "answer": truth[task][1], "type": truth[task][2]})
+        DatasetDict({"test": split}).save_to_disk(str(run / "data" / task))  # as benchmarks/suite/build.py
     return truth
 
 

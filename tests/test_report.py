@@ -297,3 +297,13 @@ def test_paper_differences_beside_ours(report):
     col = [c[1].strip() for c in summary[0]].index("POPE%")
     ours = numbers(summary[2][col][1])[0] - numbers(summary[1][col][1])[0]
     assert float(pope[1][1]) == pytest.approx(ours, abs=0.11)
+
+
+def test_examples_show_image_question_and_every_answer(report):
+    run, path = report
+    html = path.read_text()
+    assert html.count('class="thumb" src="data:image/png;base64,') == 3 * len(TASKS)  # 3 questions per task
+    # the textvqa question with markup is one where ov2 and ov1 disagree: shown first, both answers marked
+    assert "Which tag is written: &lt;b&gt;bold&lt;/b&gt;" in html
+    card = html.split("Which tag is written:")[1].split('<div class="card">')[0]
+    assert '<li class="wrong">' in card and '<li class="right">' in card

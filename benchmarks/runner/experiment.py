@@ -11,7 +11,7 @@
       clip-hf: {transformers: models/clip-vit}      # a local transformers CLIP / SigLIP / ViT vision folder
       ov2-l14: {openvision: models/openvision2-l14} # a local OpenVision release folder (open_clip layout)
     bridge: {llm: smollm2, overrides: {stage1.steps: 30, stage2.steps: 80}}
-    eval: {tasks: [ov2_gqa, ov2_pope], limit: 50, batch_size: 8}
+    eval: {tasks: [ov2_gqa, ov2_pope], limit: 50}
     encoder_eval: {enabled: true, n_train: 2000, n_test: 1000}
     quick: {eval: {limit: 8}, bridge: {overrides: {stage2.steps: 10}}}   # deep-merged over the rest by --quick
 
@@ -70,7 +70,6 @@ class BridgeRecipe:
 class EvalSpec:
     tasks: list = field(default_factory=lambda: list(SUITE_TASKS))
     limit: int | None = None  # questions per task (None: the task's default size)
-    batch_size: int = 1
 
 
 @dataclass
@@ -171,8 +170,8 @@ def from_dict(tree: dict, quick: bool = False) -> Experiment:
         raise ExperimentError(f"nproc must be at least 1, got {exp.nproc}")
     if not exp.eval.tasks or not all(isinstance(t, str) and t for t in exp.eval.tasks):
         raise ExperimentError(f"eval.tasks: expected a non-empty list of task names, got {exp.eval.tasks!r}")
-    if exp.eval.limit is not None and exp.eval.limit < 1 or exp.eval.batch_size < 1:
-        raise ExperimentError("eval.limit and eval.batch_size must be at least 1")
+    if exp.eval.limit is not None and exp.eval.limit < 1:
+        raise ExperimentError(f"eval.limit must be at least 1, got {exp.eval.limit}")
     if exp.encoder_eval.n_train < 10 or exp.encoder_eval.n_test < 10:
         raise ExperimentError("encoder_eval.n_train and n_test must be at least 10")
     return exp

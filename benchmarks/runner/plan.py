@@ -96,7 +96,7 @@ def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path)
     ev = exp.eval
     add("eval", config_key("eval", ev.tasks, ev.limit, bridge.key),
         [*OV2, "eval", str(bridge.folder / "model"), "--tasks", ",".join(ev.tasks), "--out", str(root / "eval"),
-         "--data", str(run_dir / "data"), "--batch-size", str(ev.batch_size),
+         "--data", str(run_dir / "data"),
          *(["--limit", str(ev.limit)] if ev.limit else [])], [bridge])
     ee = exp.encoder_eval
     if ee.enabled and ours_path is not None:

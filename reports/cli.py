@@ -27,13 +27,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="a second run folder to set beside RUN_DIR (differences B - A with paired intervals)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file that ov2 did not write")
     args = parser.parse_args(argv)
-    from reports.render import ReportError, build_report
+    from reports.collect import BadRunFolder
+    from reports.render import build_report
 
     start = time.perf_counter()
     try:
         out = build_report(args.run, out=args.out, compare=args.compare, force=args.force)
-    except ReportError as err:
+    except BadRunFolder as err:
         print(f"ov2 report: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. --out in a folder we may not write
+        print(f"ov2 report: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return 2
     size_kb = out.stat().st_size / 1024
     print(f"wrote {out} ({size_kb:,.0f} KB in {time.perf_counter() - start:.1f} s)")

@@ -66,13 +66,26 @@ def _jsonl(path: Path) -> list[dict]:
         return []
 
 
+class BadRunFolder(ValueError):
+    """A file of the run folder that exists but cannot be read as what it should be."""
+
+
 def read_results(run: Path) -> pd.DataFrame:
     """The tidy results table (csv first, parquet when there is no csv); numbers as floats."""
     table = pd.DataFrame(columns=RESULT_COLUMNS)
-    if (run / "results.csv").is_file():
-        table = pd.read_csv(run / "results.csv")
-    elif (run / "results.parquet").is_file():
-        table = pd.read_parquet(run / "results.parquet")
+    path = run / "results.csv" if (run / "results.csv").is_file() else run / "results.parquet"
+    try:
+        if path.suffix == ".csv":
+            table = pd.read_csv(path)
+        elif path.is_file():
+            table = pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        pass
+    except Exception as err:  # a truncated or foreign file: name it, one line
+        raise BadRunFolder(f"{path} is not a results table ({type(err).__name__}: {str(err).splitlines()[0]})") \
+            from None
+    if len(table.columns) and not {"encoder", "task", "value"} <= set(table.columns):
+        raise BadRunFolder(f"{path} lacks the columns encoder, task, value")
     for col in RESULT_COLUMNS:
         if col not in table.columns:
             table[col] = None

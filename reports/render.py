@@ -158,7 +158,7 @@ def render(ctx: dict) -> str:
     return env.get_template("report.html.j2").render(**ctx)
 
 
-class ReportError(ValueError):
+class ReportError(collect.BadRunFolder):
     """Bad input for a report (no run folder, nothing in it, or an output that is not ours without force)."""
 
 

@@ -167,6 +167,11 @@ def test_cli_bad_input_and_overwrite(cli, report, tmp_path):
     run, _ = report
     bad = cli("report", str(tmp_path / "missing"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.csv").write_text('encoder,task,value\n"ov2')
+    cut = cli("report", str(broken))
+    assert cut.returncode == 2 and "results.csv" in cut.stderr and len(cut.stderr.strip().splitlines()) == 1
     mine = tmp_path / "notes.html"
     mine.write_text("my notes")
     kept = cli("report", str(run), "--out", str(mine))

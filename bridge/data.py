@@ -201,6 +201,9 @@ def chart_questions(labels: list[str], values: list[int], rng: np.random.Generat
         q, a = choice_question("Context: a bar chart.\nWhich bar has the largest value?", best,
                                [lab for lab in labels if lab != best], rng)
         out.append(("choice", q, a))
+        others = [str(x) for x in rng.choice([lab for lab in labels if lab != best], 2, replace=False)]
+        q, a = choice_question("Context: a bar chart.\nWhich of these bars has the largest value?", best, others, rng)
+        out.append(("choice", q, a))
     i, j = sorted(rng.choice(len(labels), 2, replace=False))
     if values[i] != values[j]:
         big = labels[i] if values[i] > values[j] else labels[j]

@@ -9,6 +9,8 @@ Built-in sets are drawn from `encoder.data.synth.make_scene(seed, index)`: every
     stage 1 (`SynthCaptions`): describe-the-image prompt -> the scene caption
     stage 2 (`SynthInstructions`): short answers, yes/no, multiple choice, counting, reading text, chart values,
             in every answer format the built-in benchmark suite asks for (benchmarks/suite), with its prompt suffixes
+The kind "fashion" (add it to `kinds`, e.g. `--synth_kinds=shapes,text,chart,fashion`) mixes in Fashion-MNIST
+train images: captions from encoder.data.fashion_mnist, and "which item of clothing" questions.
 Both skip every scene that `is_heldout` marks (held-out (colour, shape), (word, colour) and (bar colour, bar
 count) combinations): those scenes are reserved for the benchmark suite, so no suite image is ever trained on.
 """
@@ -80,10 +82,28 @@ def is_heldout(scene) -> bool:
     return (CHART_COLOURS.index(scene.meta["colour"]) + len(scene.meta["values"])) % 5 == 0
 
 
+def fashion_scene(seed: int, index: int, size: int):
+    """A Fashion-MNIST *train* image as a scene (kind "fashion", meta {"label"}); the suite uses the test split."""
+    from encoder.data.fashion_mnist import describe, load_split, to_image
+    from encoder.data.synth import Scene
+
+    images, labels = load_split("train")
+    k = int(np.random.default_rng([seed, index, 4]).integers(len(labels)))
+    caption, alt = describe(int(labels[k]), k)
+    return Scene(to_image(images[k], size), caption, alt, "fashion", [], {"label": int(labels[k])})
+
+
 def training_scene(seed: int, index: int, size: int, kinds) -> object:
-    """The first scene at or after `index` (in steps of 1,000,003) that is not held out."""
+    """The first scene at or after `index` (in steps of 1,000,003) that is not held out. The kind "fashion"
+    (Fashion-MNIST train images) is drawn as often as each synthetic kind."""
     from encoder.data.synth import make_scene
 
+    kinds = tuple(kinds)
+    if "fashion" in kinds:
+        synthetic = tuple(k for k in kinds if k != "fashion")
+        if not synthetic or np.random.default_rng([seed, index, 3]).integers(len(kinds)) == 0:
+            return fashion_scene(seed, index, size)
+        kinds = synthetic
     for attempt in range(1000):
         scene = make_scene(seed, index + attempt * 1_000_003, size=size, kinds=kinds)
         if not is_heldout(scene):
@@ -216,9 +236,19 @@ def chart_questions(labels: list[str], values: list[int], rng: np.random.Generat
     return out
 
 
+def fashion_questions(label: int, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    from encoder.data.fashion_mnist import CLASSES
+
+    others = [CLASSES[int(c)] for c in rng.choice([c for c in range(len(CLASSES)) if c != label], 3, replace=False)]
+    q, a = choice_question("Which item of clothing is shown in the image?", CLASSES[label], others, rng)
+    return [("fashion", f"What item of clothing is this?{SHORT}", CLASSES[label]), ("choice", q, a)]
+
+
 def scene_questions(scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
     if scene.kind == "shapes":
         return shape_questions(scene.objects, rng)
+    if scene.kind == "fashion":
+        return fashion_questions(scene.meta["label"], rng)
     if scene.kind == "text":
         return [("text", f"What word is written in the image?{SHORT}", scene.meta["word"]),
                 ("text", f"What is written in the image?{SHORT}", scene.meta["word"]),

@@ -179,3 +179,18 @@ def test_random_guessing_scores_chance():
         records = [M.sample_record(spec.match, str(rng.choice(["Yes", "No"])), r["answer"], r["type"], r["image_id"])
                    for r in rows]
         assert M.aggregate(spec.primary, records) == pytest.approx(spec.chance, rel=0.06), name
+
+
+def test_bridge_fashion_kind_teaches_the_suite_format_on_train_images():
+    from bridge.data import LETTER, SynthInstructions
+    from encoder.data.fashion_mnist import CLASSES
+
+    data = SynthInstructions(40, image_size=64, kinds=("fashion",))
+    items = [data[i] for i in range(40)]
+    assert {it["type"] for it in items} == {"fashion", "choice"}
+    choice = next(it for it in items if it["type"] == "choice")
+    assert choice["question"].startswith("Which item of clothing is shown in the image?\nA. ")
+    assert choice["question"].endswith(LETTER) and choice["answer"] in "ABCD"
+    assert all(it["answer"] in CLASSES for it in items if it["type"] == "fashion")
+    suite = {np.asarray(r["image"]).tobytes() for r in generate("ov2_fashion", n=100)}
+    assert not any(np.asarray(it["image"]).tobytes() in suite for it in items)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bridge.convert import VitShape, build_hf_vision_model, openclip_shape, openclip_to_canonical
+from encoder.weights import VitShape, build_hf_vision_model, openclip_shape, openclip_to_canonical
 from bridge.processor import make_image_processor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,7 +70,7 @@ class VisionTower(nn.Module):
 
 
 class OursTower(VisionTower):
-    """Our ViT (encoder.vit.ViT) run natively; hf_model() is its exact ViTModel / CLIPVisionModel conversion."""
+    """Our ViT (encoder.models.vit.ViT) run natively; hf_model() is its exact ViTModel / CLIPVisionModel conversion."""
 
     def __init__(self, vit: nn.Module, vit_cfg, image_processor, *, feature_layer: int = -2, source: str = ""):
         nn.Module.__init__(self)

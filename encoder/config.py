@@ -19,19 +19,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from encoder.core.config import ConfigError, apply_overrides, apply_tree, read_yaml, set_value  # noqa: F401
-from encoder.decoder import DecoderConfig
-from encoder.vit import ViTConfig
-
-
-@dataclass
-class TextConfig:
-    """Text encoder of the contrastive baselines (bidirectional, pooled at the last token)."""
-
-    width: int = 256
-    depth: int = 2
-    heads: int = 4
-    mlp_dim: int = 1024
-    context: int = 80
+from encoder.models.decoder import DecoderConfig
+from encoder.models.text import TextConfig
+from encoder.models.vit import ViTConfig
 
 
 @dataclass

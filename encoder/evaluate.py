@@ -99,7 +99,7 @@ def zero_shot_caption(model: nn.Module, pixels: torch.Tensor, max_len: int, batc
                       device="cpu") -> np.ndarray:
     """[n, classes] OpenVision 2: mean over templates of log p(prompt | image), the image prefix computed once."""
     from encoder.kernels import linear_cross_entropy
-    from encoder.ov2 import shift_targets
+    from encoder.models.ov2 import shift_targets
     from encoder.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()

@@ -35,7 +35,7 @@ from encoder.core.checkpoint import newest as newest_checkpoint
 from encoder.core.resume import check_out, check_resume
 from encoder.data.loader import DataError, make_loader
 from encoder.data.sources import open_source
-from encoder.models import build_losses, build_model
+from encoder.models import build_losses, build_model, text_inputs
 
 MAX_EMPTY_TRIES = 10_000  # samples read in a row without a usable one before the run stops
 
@@ -205,7 +205,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         micro = micro_batch(stage, dist.world_size(), cfg.grad_accum)  # stage.batch_size is the global batch
         loader = make_loader(self.source, cfg.data, stage.image_size, micro, cfg.seed, state["position"],
-                             cfg.model.decoder.max_len)
+                             text_inputs(cfg.model))
         it = iter(loader)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
         record: dict = {}

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def tiny_vit_cfg(layout: str = "openvision", image_size: int = 32):
-    from encoder.vit import ViTConfig
+    from encoder.models.vit import ViTConfig
 
     return ViTConfig(image_size=image_size, patch_size=8, width=64, depth=3, heads=2, mlp_dim=128, layout=layout)
 

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from encoder.checkpoint import load_model
 from encoder.config import get_preset
-from encoder.contrastive import ContrastiveLoss
+from encoder.data.loader import Collate
 from encoder.data.synth import COLOURS, SHAPES, make_scene
 from encoder.data.transforms import eval_transform
-from encoder.losses import CaptionLoss
-from encoder.models import build_losses, build_model
-from encoder.ov2 import IGNORE, shift_targets
+from encoder.losses import CaptionLoss, ContrastiveLoss
+from encoder.models import FAMILIES, build_losses, build_model, get_family, text_inputs
+from encoder.models.ov2 import IGNORE, shift_targets
 from encoder.tokenizer import PAD, get_tokenizer
 from tests.helpers import assert_close_scaled, records, trained_run
 
@@ -83,9 +83,14 @@ def test_openvision1_outputs_and_parallel_caption_targets():
     model, cfg = _small("ov1")
     assert model.decoder.embed is None  # queries, not tokens, enter the v1 decoder
     captions = ["a small red circle at the top left on a white background.", "the word \"apple\" in blue."]
-    tokens = get_tokenizer()(captions, cfg.model.decoder.max_len)
-    batch = {"pixels": torch.randn(2, 3, 16, 16), "tokens": tokens, "captions": captions,
-             "alts": ["red circle", "apple text written in blue letters"], "sentences": captions}
+    alts = ["red circle", "apple text written in blue letters"]
+    items = [{"pixels": torch.randn(3, 16, 16), "caption": c, "alt": a, "sentence": c} for c, a in zip(captions, alts)]
+    batch = {k: v for k, v in Collate(text_inputs(cfg.model))(items).items() if torch.is_tensor(v)}  # tensors only
+    assert sorted(batch) == ["alt_tokens", "pixels", "sentence_tokens", "tokens"]
+    tok = get_tokenizer()
+    tokens = batch["tokens"]
+    assert torch.equal(tokens, tok(captions, cfg.model.decoder.max_len))
+    assert torch.equal(batch["alt_tokens"], tok(alts, cfg.model.text.context))
     out = model(**batch)
     Q, D = cfg.model.num_queries, cfg.model.decoder.width
     assert out["caption_hidden"].shape == (2, Q, D) and out["caption_targets"].shape == (2, Q)
@@ -111,6 +116,27 @@ def test_openvision1_outputs_and_parallel_caption_targets():
     # more targets than queries: cut to the queries
     long_tokens = torch.randint(3, 1000, (2, Q + 5))
     assert model(**{**batch, "tokens": long_tokens})["caption_targets"].shape == (2, Q)
+
+
+def test_one_table_of_families_each_trained_from_a_collated_batch():
+    assert list(FAMILIES) == ["ov2", "ov1", "clip"]
+    with pytest.raises(ValueError, match="unknown model family 'ov3'; choose from: ov2, ov1, clip"):
+        get_family("ov3")
+    items = [{"pixels": torch.randn(3, 16, 16), "caption": f"a {c} circle. it is small.", "alt": f"{c} circle",
+              "sentence": "it is small."} for c in ("red", "blue", "green")]
+    for family in FAMILIES:
+        model, cfg = _small(family)
+        model_cls, loss_classes = get_family(family)
+        assert type(model) is model_cls and [type(m) for m in build_losses(cfg)] == list(loss_classes)
+        collated = Collate(text_inputs(cfg.model))(items)
+        tensors = {k: v for k, v in collated.items() if torch.is_tensor(v)}  # the model takes tensors only
+        assert set(tensors) == {"pixels", *text_inputs(cfg.model)}, family
+        out = model(**tensors)
+        terms = {}
+        for loss in build_losses(cfg):
+            terms.update(loss(out))
+        total = sum(v for k, v in terms.items() if k.endswith("_loss"))
+        assert torch.isfinite(total) and total > 0, (family, terms)
 
 
 def test_presets_differ_only_by_family():

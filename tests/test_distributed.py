@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 from encoder.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
 from encoder.config import get_preset  # noqa: E402
 from encoder.models import build_losses, build_model  # noqa: E402
+from encoder.tokenizer import get_tokenizer  # noqa: E402
 from encoder.train import TrainModule  # noqa: E402
 from tests.helpers import assert_close_scaled, records  # noqa: E402
 
@@ -34,7 +35,9 @@ def _module(family: str = "clip") -> TrainModule:
 
 def _global_batch() -> dict:
     g = torch.Generator().manual_seed(1)
-    return {"pixels": torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g), "captions": CAPTIONS}
+    context = get_preset("clip-micro").model.text.context
+    return {"pixels": torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g),
+            "text_tokens": get_tokenizer()(CAPTIONS, context, pad_to_max=True)}
 
 
 def _step(module: torch.nn.Module, batch: dict) -> float:
@@ -63,7 +66,7 @@ def worker(out: str) -> None:
     for mode, cuts in (("ddp", None), ("fsdp", None), ("ddp_uneven", [0, 5, 8])):
         cuts = cuts or [GLOBAL_BATCH * r // world for r in range(world + 1)]
         lo, hi = cuts[rank], cuts[rank + 1]
-        local = {"pixels": batch["pixels"][lo:hi], "captions": batch["captions"][lo:hi]}
+        local = {k: v[lo:hi] for k, v in batch.items()}
         module = _module()
         wrapped = dist.wrap(module, mode.split("_")[0], device)
         loss = _step(wrapped, local)

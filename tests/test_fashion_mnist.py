@@ -54,7 +54,7 @@ def test_mix_reads_the_train_split_only_and_splits_by_rank():
     parts = [source.split(r, 2) for r in range(2)]
     assert [len(p) for p in parts] == [200, 200]
     assert parts[1].extra.indices[0] == 1 and parts[0].base.indices[1] == 2  # disjoint interleaved shards
-    batch = next(iter(make_loader(source, DataConfig(workers=0), 32, 64, seed=0, start=0, max_len=48)))
+    batch = next(iter(make_loader(source, DataConfig(workers=0), 32, 64, seed=0, start=0, texts=48)))
     assert batch["pixels"].shape == (64, 3, 32, 32)
     n_fashion = sum(any(name in c for name in fm.CLASSES) for c in batch["captions"])
     assert 5 <= n_fashion <= 30  # about a quarter

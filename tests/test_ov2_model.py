@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from encoder.config import get_preset
-from encoder.decoder import PrefixDecoder
 from encoder.losses import CaptionLoss
-from encoder.ov2 import IGNORE, OpenVision2, keep_random_tokens, shift_targets
+from encoder.models.decoder import PrefixDecoder
+from encoder.models.ov2 import IGNORE, OpenVision2, keep_random_tokens, shift_targets
 from encoder.tokenizer import BOS, EOS, PAD, get_tokenizer
 from tests.helpers import assert_close_scaled
 
@@ -26,7 +26,7 @@ def _decoder(mask="prefix"):
 
 def _model(**kwargs) -> OpenVision2:
     torch.manual_seed(0)
-    return OpenVision2(VIT, DEC, **kwargs)
+    return OpenVision2(dataclasses.replace(MICRO, **kwargs))
 
 
 def test_prefix_lm_text_is_causal_and_image_ignores_text():

@@ -50,7 +50,7 @@ def _counted(fn) -> tuple[object, float, float]:
 
 def build_meta_model(family: str, preset: str, image_size: int | None = None):
     """The preset's model on the meta device (no memory), in training mode; returns (model, config)."""
-    from encoder import vit as vit_module
+    from encoder.models import vit as vit_module
     from encoder.config import get_preset
     from encoder.models import build_model
 

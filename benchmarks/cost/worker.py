@@ -26,7 +26,7 @@ def _rss_mib() -> float:
 
 def synthetic_batch(cfg, batch: int, image_size: int, device: torch.device) -> dict:
     """Random pixels; captions of max_len tokens (bos ... eos, no pad); long strings truncated to the text context."""
-    from encoder.tokenizer import BOS, EOS
+    from encoder.tokenizer import BOS, EOS, get_tokenizer
 
     g = torch.Generator().manual_seed(0)
     T = cfg.model.decoder.max_len
@@ -34,8 +34,9 @@ def synthetic_batch(cfg, batch: int, image_size: int, device: torch.device) -> d
     tokens[:, 0], tokens[:, -1] = BOS, EOS
     text = " ".join(["photo"] * (2 * cfg.model.text.context))  # one WordPiece token per word, cut to the context
     return {"pixels": torch.randn(batch, 3, image_size, image_size, generator=g).to(device),
-            "tokens": tokens.to(device), "captions": [text] * batch, "alts": [text] * batch,
-            "sentences": [text] * batch}
+            "tokens": tokens.to(device), **dict.fromkeys(  # the collate's text tokens (CLIP: text; OV1: alt, sentence)
+                ("text_tokens", "alt_tokens", "sentence_tokens"),
+                get_tokenizer()([text] * batch, cfg.model.text.context).to(device))}
 
 
 def measure(spec: dict) -> dict:

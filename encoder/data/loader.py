@@ -4,8 +4,10 @@ The sample order is a pure function of (seed, position): epoch e visits `permuta
 source, and a checkpoint stores only the position (samples consumed). Augmentation draws from a numpy
 Generator seeded by (seed, epoch, index), so worker count and restarts never change a batch.
 
-A batch is {"pixels": [B, 3, S, S], "tokens": [B, T], "captions", "alts", "sentences": list[str],
-"seen": int, "bad": {reason: count}}. Unusable samples are dropped from the batch and counted.
+A batch is {"pixels": [B, 3, S, S], "captions", "alts", "sentences": list[str], "seen": int, "bad": {reason:
+count}} plus the token tensors the model takes: the collate tokenises them (models never see strings), as named by
+the model class's `text_inputs(cfg)`, e.g. {"tokens": ("caption", 128)} for OpenVision 2 -> "tokens" [B, T].
+Unusable samples are dropped from the batch and counted.
 """
 
 from __future__ import annotations
@@ -80,34 +82,40 @@ class CaptionDataset(Dataset):
 
 
 class Collate:
-    def __init__(self, max_len: int):
-        self.max_len = max_len
+    """Stacks pixels and tokenises texts: `texts` is {batch key: (sample field "caption" | "alt" | "sentence",
+    token length)} (`encoder.models.text_inputs(cfg.model)`); an int n means {"tokens": ("caption", n)}."""
+
+    def __init__(self, texts: int | dict[str, tuple[str, int]]):
+        self.texts = {"tokens": ("caption", texts)} if isinstance(texts, int) else dict(texts)
 
     def __call__(self, items: list[dict]) -> dict:
         good = [it for it in items if "bad" not in it]
         bad = collections.Counter(it["bad"] for it in items if "bad" in it)
         batch = {"seen": len(items), "bad": dict(bad)}
         if good:
-            captions = [it["caption"] for it in good]
+            tokenizer = get_tokenizer()
             batch.update(
                 pixels=torch.stack([it["pixels"] for it in good]),
-                tokens=get_tokenizer()(captions, self.max_len),
-                captions=captions,
+                captions=[it["caption"] for it in good],
                 alts=[it["alt"] for it in good],
                 sentences=[it["sentence"] for it in good],
             )
+            for key, (field, length) in self.texts.items():
+                batch[key] = tokenizer([it[field] for it in good], length)
         return batch
 
 
-def make_loader(source, data_cfg, image_size: int, batch_size: int, seed: int, start: int, max_len: int) -> DataLoader:
-    """An endless loader from sample `start` on; `data_cfg` is the run's DataConfig (augmentation, workers)."""
+def make_loader(source, data_cfg, image_size: int, batch_size: int, seed: int, start: int,
+                texts: int | dict[str, tuple[str, int]]) -> DataLoader:
+    """An endless loader from sample `start` on; `data_cfg` is the run's DataConfig (augmentation, workers);
+    `texts` what the collate tokenises (see `Collate`)."""
     dataset = CaptionDataset(source, image_size, seed, data_cfg.crop_min_scale, data_cfg.color_jitter,
                              data_cfg.grayscale_p, hue=data_cfg.hue_jitter, jitter_p=data_cfg.color_jitter_p,
                              resize=data_cfg.resize)
     workers = data_cfg.workers
     sampler = ResumableBatchSampler(len(source), batch_size, seed, start)
     return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=Collate(max_len), num_workers=workers,
+        dataset, batch_sampler=sampler, collate_fn=Collate(texts), num_workers=workers,
         # a private generator: creating the iterator must not consume the global torch RNG (exact resume)
         generator=torch.Generator(), persistent_workers=False, prefetch_factor=4 if workers else None,
     )

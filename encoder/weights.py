@@ -1,6 +1,7 @@
-"""Exact weight mappings between ViT layouts (no arithmetic beyond splitting fused qkv and reshaping).
+"""Weight conversion to and from transformers: exact mappings between ViT layouts (no arithmetic beyond
+splitting fused qkv and reshaping).
 
-Canonical names (our `encoder.vit.ViT`, D width, N patches, L blocks):
+Canonical names (our `encoder.models.vit.ViT`, D width, N patches, L blocks):
 
     patch_embed.weight [D,3,P,P] (+ optional bias)  cls_token [1,1,D]  pos_embed [1,1+N,D]  pre_norm.* (clip layout)
     blocks.{i}.norm1.*  blocks.{i}.attn.qkv.{weight [3D,D], bias [3D]}  blocks.{i}.attn.proj.*  blocks.{i}.norm2.*

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from encoder.layers import Block, prefix_lm_mask
+from encoder.models.layers import Block, prefix_lm_mask
 
 
 @dataclass

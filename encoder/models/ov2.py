@@ -1,23 +1,28 @@
-"""OpenVision 2: ViT + caption decoder, caption loss only.
+"""OpenVision 2: ViT + caption decoder, caption loss only (`encoder.losses.CaptionLoss`).
 
 pixels [B, 3, H, W] -> ViT -> last-block patch tokens [B, N, Dv] (cls dropped, no final LN)
 -> random keep of floor(N x keep_ratio) tokens per sample, without replacement (training only unless
 `keep_at_eval`) -> [B, K, Dv] -> Linear(Dv -> Dd, no bias) -> prefix of the decoder
--> caption tokens [B, T] (bos ... eos pad): inputs tokens[:, :-1], targets tokens[:, 1:] (pad -> -100)
--> hidden [B, T - 1, Dd]. The loss (`encoder.losses.CaptionLoss`) applies the untied head inside the fused
-linear cross-entropy. The ViT itself always sees every patch; dropping happens after it, as in the paper.
+-> caption tokens [B, T] (bos ... eos pad; the data collate tokenises): inputs tokens[:, :-1], targets
+tokens[:, 1:] (pad -> -100) -> hidden [B, T - 1, Dd]. The loss (`encoder.losses.CaptionLoss`) applies the
+untied head inside the fused linear cross-entropy. The ViT itself always sees every patch; dropping happens after
+it, as in the paper.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from encoder.decoder import DecoderConfig, PrefixDecoder
+from encoder.models.decoder import PrefixDecoder
+from encoder.models.vit import ViT
 from encoder.tokenizer import BOS, EOS, PAD
-from encoder.vit import ViT, ViTConfig
+
+if TYPE_CHECKING:
+    from encoder.config import ModelConfig
 
 IGNORE = -100
 
@@ -39,15 +44,22 @@ def shift_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class OpenVision2(nn.Module):
-    def __init__(self, vit: ViTConfig, decoder: DecoderConfig, keep_ratio: float = 0.35, keep_at_eval: bool = False):
+    """Takes the model config (`vit`, `decoder`, `keep_ratio`, `keep_at_eval`); the batch's `tokens`."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.vit = ViT(vit)
+        self.vit = ViT(cfg.vit)
         self.vit.norm.requires_grad_(False)  # OpenVision 2 never uses the final LN; it stays identity for export
-        self.decoder = PrefixDecoder(decoder)
-        self.projector = nn.Linear(vit.width, decoder.width, bias=False)
+        self.decoder = PrefixDecoder(cfg.decoder)
+        self.projector = nn.Linear(cfg.vit.width, cfg.decoder.width, bias=False)
         nn.init.xavier_uniform_(self.projector.weight)
-        self.keep_ratio = keep_ratio
-        self.keep_at_eval = keep_at_eval
+        self.keep_ratio = cfg.keep_ratio
+        self.keep_at_eval = cfg.keep_at_eval
+
+    @staticmethod
+    def text_inputs(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
+        """{batch key: (sample text, token length)} that the collate tokenises for this model."""
+        return {"tokens": ("caption", cfg.decoder.max_len)}
 
     def image_prefix(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, K, Dd]: projected patch tokens, randomly thinned when training."""

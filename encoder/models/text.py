@@ -12,12 +12,24 @@ batch around it was padded (identical for padding to the longest text or to the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from encoder.config import TextConfig
-from encoder.layers import Block
-from encoder.tokenizer import PAD, VOCAB_ROWS, get_tokenizer
+from encoder.models.layers import Block
+from encoder.tokenizer import PAD, VOCAB_ROWS
+
+
+@dataclass
+class TextConfig:
+    """Text encoder of the contrastive baselines (bidirectional, pooled at the last token)."""
+
+    width: int = 256
+    depth: int = 2
+    heads: int = 4
+    mlp_dim: int = 1024
+    context: int = 80
 
 
 class TextEncoder(nn.Module):
@@ -37,10 +49,6 @@ class TextEncoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def tokenize(self, texts: list[str], device: torch.device | None = None) -> torch.Tensor:
-        """[B, L] token ids, truncated to the context (eos kept), padded to the longest text."""
-        return get_tokenizer()(list(texts), self.cfg.context).to(device)
-
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """tokens [B, L] -> {"tokens": [B, L, Dt] (after the final LN), "pooled": [B, Dt], "keep": [B, L] bool}."""
         B, L = tokens.shape
@@ -55,7 +63,3 @@ class TextEncoder(nn.Module):
         last = keep.sum(dim=1).clamp(min=1) - 1  # tokens are contiguous: bos ... eos, then pads
         pooled = x[torch.arange(B, device=x.device), last]
         return {"tokens": x, "pooled": pooled, "keep": keep}
-
-    def embed_texts(self, texts: list[str], device: torch.device | None = None) -> torch.Tensor:
-        """[B, E] contrastive features of raw strings (not normalised)."""
-        return self.head(self(self.tokenize(texts, device))["pooled"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from encoder.layers import Block
+from encoder.models.layers import Block
 
 
 @dataclass

@@ -177,7 +177,8 @@ def write_run(root: str | Path, encoders=("ov2", "ov1", "clip"), failed: tuple[s
         _status(folder / "encoder_eval", "ok", wall=20.0)
         (folder / "encoder_eval" / "result.json").write_text(json.dumps({
             "family": str(enc), "linear_probe_acc": probe, "zero_shot_acc": zero,
-            "random_init_linear_probe_acc": floor, "chance": 0.1, "n_train": 2000, "n_test": 1000}))
+            "random_init_linear_probe_acc": floor, "chance": 0.1, "n_train": 2000, "n_test": 1000,
+            "zero_shot_method": "caption_likelihood" if str(enc).startswith("ov2") else "cosine"}))
         for task, value in (("fmnist_probe", probe), ("fmnist_zeroshot", zero), ("fmnist_probe_init", floor)):
             rows.append({"experiment": "default", "encoder": enc, "task": task, "metric": "accuracy", "value": value,
                          "stderr": float(np.sqrt(value * (1 - value) / 1000)), "n": 1000, "chance": 0.1, "seed": seed,

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from encoder.weights import VitShape, build_hf_vision_model, openclip_shape, openclip_to_canonical
 from bridge.processor import make_image_processor
+from encoder.weights import VitShape, build_hf_vision_model, openclip_shape, openclip_to_canonical
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

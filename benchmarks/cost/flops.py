@@ -50,9 +50,9 @@ def _counted(fn) -> tuple[object, float, float]:
 
 def build_meta_model(family: str, preset: str, image_size: int | None = None):
     """The preset's model on the meta device (no memory), in training mode; returns (model, config)."""
-    from encoder.models import vit as vit_module
     from encoder.config import get_preset
     from encoder.models import build_model
+    from encoder.models import vit as vit_module
 
     cfg = get_preset(f"{family}-{preset}")
     cfg.model.vit.image_size = image_size or max(s.image_size for s in cfg.stages)

@@ -40,6 +40,12 @@ def _images(data_dir: Path, task: str, doc_ids: list[int]) -> dict[int, str]:
         return {}
 
 
+def _short(text: str, limit: int = 160) -> str:
+    """An answer as shown: an untrained model can ramble for hundreds of characters."""
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit].rstrip() + " …"
+
+
 def build_examples(samples: pd.DataFrame, encoders: list[str], data_dir: Path, per_task: int = 3) -> list[dict]:
     """[{task, label, items: [{doc_id, image, question, target, answers: [{encoder, text, right}]}]}]"""
     out = []
@@ -63,7 +69,7 @@ def build_examples(samples: pd.DataFrame, encoders: list[str], data_dir: Path, p
         for doc in picked:
             rows = group[group["doc_id"] == doc].set_index("encoder")
             first = rows.iloc[0]
-            answers = [{"encoder": e, "text": str(rows.loc[e, "prediction"]),
+            answers = [{"encoder": e, "text": _short(str(rows.loc[e, "prediction"])),
                         "right": bool(float(rows.loc[e, "score"]) > 0)} for e in present if e in rows.index]
             items.append({"doc_id": int(doc), "image": images.get(int(doc)), "question": str(first["question"]),
                           "target": str(first["target"]), "type": first.get("type"), "answers": answers})

@@ -76,7 +76,9 @@ def build_summary(run: dict) -> dict:
         col = prim[prim["task"] == task]
         values = [v for v in list(col["value"]) + list(col["chance"]) if _num(v) is not None]
         percent = all(0.0 <= v <= 1.0 for v in values)
-        best = col["value"].max() if col["value"].notna().any() else None
+        present = col["value"].dropna()
+        # the best is marked only where it stands out: a column where every encoder ties marks none
+        best = present.max() if present.nunique() > 1 or (len(present) == 1 and len(run["encoders"]) == 1) else None
         chance = _num(col["chance"].dropna().iloc[0]) if col["chance"].notna().any() else None
         columns.append({"task": task, "label": task_label(task), "percent": percent, "metric": col["metric"].iloc[0],
                         "unit": "%" if percent else "score", "best": best, "chance": chance,
@@ -114,7 +116,10 @@ def _sentence(rows: list[dict], columns: list[dict], ref: str | None, run: dict)
         return "No evaluation results were found in this run folder."
     wins = {r["encoder"]: sum(c["best"] for c in r["cells"]) for r in rows}
     leader = max(wins, key=wins.get)
-    text = f"{leader} has the best score on {wins[leader]} of {len(columns)} tasks."
+    if wins[leader]:
+        text = f"{leader} has the best score on {wins[leader]} of {len(columns)} tasks."
+    else:
+        text = "No encoder scores above the others on any task."
     for r in rows:
         diffs = [(col["label"], c["diff"]) for col, c in zip(columns, r["cells"]) if "diff" in c]
         if r["reference"] or not diffs:

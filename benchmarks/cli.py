@@ -7,8 +7,8 @@ import sys
 
 BENCHMARKS = {
     "kernels": ("benchmarks.kernels", "fused linear CE vs eager, torch.compile, F.linear_cross_entropy, CCE"),
-    "baselines": ("benchmarks.baselines", "ov2-tiny vs ov1-tiny vs clip-tiny: time, memory, Fashion-MNIST accuracy"),
-    "flops": ("benchmarks.cost.flops", "forward GFLOPs per image of OV2 / OV1 / CLIP at the paper presets vs the paper"),
+    "baselines": ("benchmarks.baselines", "ov2 vs ov1 vs clip (micro, equal budget): time, memory, FMNIST accuracy"),
+    "flops": ("benchmarks.cost.flops", "forward GFLOPs per image of OV2 / OV1 / CLIP at paper presets vs the paper"),
     "train": ("benchmarks.cost.train", "training cost OV2 vs OV1 vs CLIP: step time, peak memory, batch headroom"),
 }
 

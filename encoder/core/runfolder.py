@@ -59,13 +59,24 @@ def read_status(run: str | Path) -> dict | None:
     if not isinstance(status, dict):
         return None
     if status.get("state") == "running" and status.get("host") == socket.gethostname() and status.get("pid"):
-        try:  # a "running" status whose process is gone was killed: report it as interrupted
-            os.kill(int(status["pid"]), 0)
-        except ProcessLookupError:
+        if not _alive(status["pid"]):  # a "running" status whose process is gone was killed
             status["state"] = "interrupted"
-        except (PermissionError, ValueError):
-            pass
     return status
+
+
+def _alive(pid) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def write_status(run: str | Path, state: str, **fields) -> dict:

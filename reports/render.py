@@ -105,7 +105,7 @@ def _failures(run: dict) -> list[dict]:
 
 def _provenance(run: dict) -> dict:
     prov = run["provenance"]
-    flat = {k: v for k, v in prov.items() if not isinstance(v, dict | list)}
+    flat = {k: "—" if v is None else v for k, v in prov.items() if not isinstance(v, dict | list)}
     nested = {k: v for k, v in prov.items() if isinstance(v, dict)}
     argv = prov.get("argv")
     stages = [{"encoder": r.encoder, "stage": r.stage, "state": r.state, "started": _text(r.started),

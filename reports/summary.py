@@ -105,7 +105,7 @@ def build_summary(run: dict) -> dict:
         rows.append({"encoder": enc, "reference": enc == ref, "cells": cells})
     scores = [c["label"] for c in columns if not c["percent"]]
     note = (f"{_names(scores)} as {'a score' if len(scores) == 1 else 'scores'}, the rest in %" if scores
-            else "all in %")
+            else "All in %")
     return {"columns": columns, "rows": rows, "reference": ref, "diffs": diffs, "unit_note": note,
             "sentence": _sentence(rows, columns, ref, run)}
 

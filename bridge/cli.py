@@ -86,10 +86,24 @@ def _read_image(path: str):
 
 def _train(a, rest) -> int:
     import json
+    import shlex
 
     from bridge.pipeline import run
+    from encoder.core.runfolder import read_run
 
-    print(json.dumps(run(parse_train(rest)), indent=1))
+    cfg = parse_train(rest)
+    try:
+        print(json.dumps(run(cfg), indent=1))
+    except KeyboardInterrupt:
+        where = "before training"
+        for stage in ("stage2", "stage1"):
+            if (Path(cfg.out) / stage / "metrics.jsonl").is_file():
+                info = read_run(Path(cfg.out) / stage)
+                where = f"{stage} step {info['metrics'][-1]['step'] if info['metrics'] else 0}"
+                break
+        print(f"ov2 bridge train: interrupted at {where}; resume with: ov2 bridge train {shlex.join(rest)}",
+              file=sys.stderr)
+        return 130
     return 0
 
 

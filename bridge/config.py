@@ -32,6 +32,7 @@ class StageConfig:
     seed: int = 0
     save_every: int = 50
     keep_last: int = 2
+    nan_patience: int = 5  # stop after this many non-finite steps in a row
     progress: bool = True
 
     def __post_init__(self):
@@ -45,7 +46,7 @@ class StageConfig:
 def validate_stage(cfg: StageConfig, name: str = "stage") -> StageConfig:
     if cfg.stage not in (1, 2):
         raise ConfigError(f"{name}.stage must be 1 or 2, got {cfg.stage}")
-    for key in ("steps", "batch_size", "grad_accum", "save_every", "keep_last"):
+    for key in ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "nan_patience"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{name}.{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.lr is None:
@@ -76,6 +77,7 @@ class BridgeConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(stage=2, steps=200))
     eval_samples: int = 200
     seed: int = 0
+    device: str = "auto"  # where the stages train: "auto" (cuda when there is one), "cpu", "cuda", "cuda:1" ...
 
     @classmethod
     def from_dict(cls, d: dict) -> BridgeConfig:
@@ -105,6 +107,8 @@ def validate(cfg: BridgeConfig) -> BridgeConfig:
         raise ConfigError(f"eval_samples must be 0 or more, got {cfg.eval_samples}")
     if not cfg.encoder:
         raise ConfigError("encoder: give a checkpoint or run folder, preset:NAME, or a transformers / open_clip folder")
+    if not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
     from encoder.data.synth import KINDS
 
     kinds = [k for k in cfg.synth_kinds.split(",") if k]

@@ -27,7 +27,7 @@ from encoder.core.resume import RESUME_SAFE, check_out, diff_configs
 
 CONFIG = "config.yaml"
 # what may differ between two calls into the same OUT besides steps (which may grow)
-SAFE = (*RESUME_SAFE, "out", "eval_samples")
+SAFE = (*RESUME_SAFE, "out", "eval_samples", "device")
 
 
 def saved_config(out: str | Path) -> dict | None:
@@ -58,6 +58,16 @@ def check_same_run(cfg: BridgeConfig) -> None:
         listed = ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, a, b in (arch or diffs)[:5])
         raise ConfigError(f"{cfg.out} holds a bridge run with another {'model' if arch else 'recipe'}: {listed}; "
                           f"choose another --out")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA device here")
+    return torch.device(name)
 
 
 def build(cfg: BridgeConfig):
@@ -95,6 +105,7 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     check_out(out)
     runfolder.check_unlocked(out)
     check_same_run(cfg)
+    device = _device(cfg.device)
     model, processor, tower = build(cfg)  # a bad --encoder or --llm fails here, before anything is written
     data1, data2 = datasets(cfg, tower.image_size)
     collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
@@ -104,8 +115,10 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
         tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
         os.replace(tmp, out / CONFIG)
         summary = {"encoder": cfg.encoder, "llm": cfg.llm}
+        model.to(device)
         summary["stage1"] = train_stage(model, data1, collate, cfg.stage1, out / "stage1", inputs=(key,))
         summary["stage2"] = train_stage(model, data2, collate, cfg.stage2, out / "stage2", inputs=(key,))
+        model.to("cpu")  # export and the held-out check run where any reader can load them
         export_llava(model, processor, out / "model", extra={"encoder": cfg.encoder, "llm": cfg.llm})
         if evaluate and cfg.eval_samples > 0:
             summary["heldout"] = heldout_accuracy(model, processor, n=cfg.eval_samples)

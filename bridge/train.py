@@ -1,6 +1,6 @@
-"""One LLaVA training stage on the run-folder contract: freeze per stage, AdamW with warm-up + cosine, gradient
-accumulation, bf16 autocast option on the model's device, checkpoints every `save_every` steps and exact resume,
-tqdm progress, JSONL metrics.
+"""One LLaVA training stage: the bridge's batches and answer loss on the one training loop (`encoder.core.loop`:
+gradient accumulation, bf16 autocast on the model's device, NaN guard) and the one run-folder contract; freeze per
+stage, AdamW with warm-up + cosine, checkpoints every `save_every` steps and exact resume, tqdm, JSONL metrics.
 
 Run folder of a stage (the same contract as a pretraining run, read by the same code):
     config.yaml              the stage's StageConfig
@@ -32,6 +32,7 @@ from bridge.loss import AnswerLoss
 from encoder.core import checkpoint as core
 from encoder.core import runfolder
 from encoder.core.config import ConfigError
+from encoder.core.loop import LoopConfig, device_of, run_steps
 from encoder.core.resume import check_out, check_resume
 
 
@@ -145,43 +146,54 @@ def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, 
 
 
 def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: int, stop_after) -> dict:
+    """The stage's steps on the one training loop (encoder.core.loop): the bridge supplies batches and the loss."""
     loss_fn = AnswerLoss()
     order = SampleOrder(len(dataset), cfg.seed)
-    device = next(model.parameters()).device
+    device = device_of(model)
     model.train()
-    t0, last, saved = time.time(), None, step
+    t0, last, saved, tokens = time.time(), {}, {"step": step}, {"n": 0}
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(range(step, end), initial=step, total=cfg.steps, desc=f"stage {cfg.stage}", disable=not cfg.progress)
-    with (out_dir / "metrics.jsonl").open("a") as log:
-        for step in bar:
-            factor = lr_factor(step, cfg.steps, cfg.warmup_ratio)
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * factor
-            opt.zero_grad(set_to_none=True)
-            total, tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                first = (step * cfg.grad_accum + micro) * cfg.batch_size
-                batch = collate([dataset[order(first + j)] for j in range(cfg.batch_size)])
-                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    out = loss_fn(model, batch)
-                (out["lm_loss"] / cfg.grad_accum).backward()
-                total += float(out["lm_loss"].detach()) / cfg.grad_accum
-                tokens += int(out["tokens"])
-            opt.step()
-            last = {"stage": cfg.stage, "step": step + 1, "loss": total, "lr": cfg.lr * factor, "tokens": tokens,
-                    "seconds": round(time.time() - t0, 3), "peak_rss_mb": runfolder.peak_rss_mb()}
-            log.write(json.dumps(last) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{total:.4f}")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == end:
-                _save_ckpt(model, opt, step + 1, cfg, out_dir)
-                saved = step + 1
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {cfg.stage}", disable=not cfg.progress)
+
+    def batch(step: int, micro: int) -> dict:
+        first = (step * cfg.grad_accum + micro) * cfg.batch_size
+        items = collate([dataset[order(first + j)] for j in range(cfg.batch_size)])
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in items.items()}
+
+    def loss(inputs: dict) -> dict:
+        out = loss_fn(model, inputs)
+        tokens["n"] += int(out["tokens"])
+        return {"loss": out["lm_loss"]}
+
+    def set_lr(step: int) -> float:
+        factor = lr_factor(step, cfg.steps, cfg.warmup_ratio)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        return cfg.lr * factor
+
+    with (out_dir / "metrics.jsonl").open("a") as log_file:
+        def log(step: int, lr: float, terms: dict) -> None:
+            last.update(stage=cfg.stage, step=step, loss=terms["loss"], lr=lr, tokens=tokens["n"],
+                        seconds=round(time.time() - t0, 3), peak_rss_mb=runfolder.peak_rss_mb())
+            tokens["n"] = 0
+            log_file.write(json.dumps(last) + "\n")
+            log_file.flush()
+            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+
+        def save() -> None:
+            _save_ckpt(model, opt, state["step"], cfg, out_dir)
+            saved["step"] = state["step"]
+
+        state = {"step": step, "nan_streak": 0}
+        loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=cfg.bf16, nan_patience=cfg.nan_patience,
+                          ckpt_every=cfg.save_every)
+        run_steps(model, opt, loop, state=state, end=end, batch=batch, loss=loss, set_lr=set_lr, log=log,
+                  save=save, bar=bar, device=device)
     bar.close()
     model.eval()
-    summary = {"stage": cfg.stage, "steps": saved, "final_loss": last["loss"] if last else None,
+    summary = {"stage": cfg.stage, "steps": saved["step"], "final_loss": last.get("loss"),
                "seconds": round(time.time() - t0, 2), "peak_rss_mb": runfolder.peak_rss_mb()}
-    if saved >= cfg.steps:
+    if saved["step"] >= cfg.steps:
         save_file(trainable_state(model), str(out_dir / "final.safetensors"))
         (out_dir / "done.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -7,7 +7,9 @@
 AdamW (b1 0.9, b2 0.95, decoupled weight decay on Linear/Conv weight matrices only), linear warm-up then
 cosine to 0 within each stage, a fresh optimizer at each stage (stage 2 starts from stage 1's weights),
 gradient accumulation, optional bf16 autocast, a NaN/inf guard (skip the step; stop after `nan_patience`
-in a row), JSONL metrics, atomic checkpoints every `ckpt_every` steps and at the end of each stage.
+in a row), JSONL metrics, atomic checkpoints every `ckpt_every` steps and at the end of each stage. The steps
+themselves run on `encoder.core.loop.run_steps`, the loop the bridge stages use too; this module supplies the
+data (resumable loader), the model + losses, the LR schedule and the checkpoints.
 
 The run folder follows the contract of `encoder.core.runfolder`: everything is checked (config, saved config,
 checkpoint) before anything is written; then the folder is locked, status.json says running -> ok / failed /
@@ -16,7 +18,6 @@ interrupted, and config.yaml, metrics.jsonl and checkpoints/ are written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from encoder import distributed as dist
 from encoder.config import ConfigError, StageConfig, TrainConfig, micro_batch, to_dict, validate
 from encoder.core import runfolder
 from encoder.core.checkpoint import newest as newest_checkpoint
+from encoder.core.loop import LoopConfig, NonFiniteLoss, run_steps
 from encoder.core.resume import check_out, check_resume
 from encoder.data.loader import DataError, make_loader
 from encoder.data.sources import open_source
@@ -40,8 +42,7 @@ from encoder.models import build_losses, build_model, text_inputs
 MAX_EMPTY_TRIES = 10_000  # samples read in a row without a usable one before the run stops
 
 
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (non-finite losses, bad data); the message says why."""
+TrainingStopped = NonFiniteLoss  # training cannot go on; the message says why
 
 
 class TrainModule(nn.Module):
@@ -207,47 +208,39 @@ class Trainer:
         loader = make_loader(self.source, cfg.data, stage.image_size, micro, cfg.seed, state["position"],
                              text_inputs(cfg.model))
         it = iter(loader)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
         record: dict = {}
-        tick, samples = time.perf_counter(), 0
-        while state["step"] < end:
-            lr = lr_at(state["step"] - start, stage)
+        clock = {"tick": time.perf_counter(), "samples": 0}
+
+        def next_batch(step: int, micro_step: int) -> dict:
+            batch = self._next_batch(it, micro)
+            clock["samples"] += batch["pixels"].shape[0]
+            return _model_inputs(batch, self.device)
+
+        def set_lr(step: int) -> float:
+            lr = lr_at(step - start, stage)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            terms_sum: dict[str, float] = {}
-            for micro_step in range(cfg.grad_accum):
-                batch = self._next_batch(it, micro)
-                samples += batch["pixels"].shape[0]
-                sync = micro_step == cfg.grad_accum - 1 or not hasattr(self.wrapped, "no_sync")
-                with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), autocast:
-                    terms = self.wrapped(_model_inputs(batch, self.device))
-                (terms["loss"] / cfg.grad_accum).backward()
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            if dist.all_reduce_max(0.0 if math.isfinite(terms_sum["loss"]) else 1.0) > 0:  # skip on every rank
-                optimizer.zero_grad(set_to_none=True)
-                state["nan_streak"] += 1
-                if state["nan_streak"] >= cfg.nan_patience:
-                    raise TrainingStopped(f"loss was not finite for {state['nan_streak']} steps in a row at step "
-                                          f"{state['step']}: lower the learning rate or check the data")
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["nan_streak"] = 0
-            state["step"] += 1
-            bar.update(1)
-            if state["step"] % cfg.log_every == 0 or state["step"] == end:
-                now = time.perf_counter()
-                state["elapsed"] += now - tick
-                record = {"step": state["step"], "stage": index + 1, "lr": lr, **terms_sum,
-                          "samples_per_s": samples * dist.world_size() / max(now - tick, 1e-9),
-                          "seen": state["seen"], "skipped": sum(state["bad"].values()), "bad": dict(state["bad"]),
-                          "bad_shards": self.bad_shards, "elapsed_s": state["elapsed"]}
-                self._log(record)
-                bar.set_postfix(loss=f"{terms_sum['loss']:.3f}", lr=f"{lr:.2e}")
-                tick, samples = now, 0
-            if state["step"] % cfg.ckpt_every == 0 or state["step"] == end:
-                ckpt.save_checkpoint(self.out, cfg, self.wrapped, optimizer, dict(state))
+            return lr
+
+        def log(step: int, lr: float, terms: dict) -> None:
+            nonlocal record
+            if step % cfg.log_every and step != end:
+                return
+            now = time.perf_counter()
+            state["elapsed"] += now - clock["tick"]
+            record = {"step": step, "stage": index + 1, "lr": lr, **terms,
+                      "samples_per_s": clock["samples"] * dist.world_size() / max(now - clock["tick"], 1e-9),
+                      "seen": state["seen"], "skipped": sum(state["bad"].values()), "bad": dict(state["bad"]),
+                      "bad_shards": self.bad_shards, "elapsed_s": state["elapsed"]}
+            self._log(record)
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
+            clock.update(tick=now, samples=0)
+
+        loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=cfg.bf16, nan_patience=cfg.nan_patience,
+                          ckpt_every=cfg.ckpt_every)
+        run_steps(self.wrapped, optimizer, loop, state=state, end=end, batch=next_batch, loss=self.wrapped,
+                  set_lr=set_lr, log=log, bar=bar, device=self.device,
+                  save=lambda: ckpt.save_checkpoint(self.out, cfg, self.wrapped, optimizer, dict(state)))
         return record
 
 

@@ -22,42 +22,42 @@ from tests.helpers import ROOT, run_cli
 
 MICRO = ["--preset", "ov2-micro", "--data.workers=0"]
 
-# One bridge stage-2 run in a fresh process, on a tiny random Llama and our tiny checkpoint (written by the test).
-# Each sample takes SLOW seconds to read, so that a kill -9 lands in the middle of the run.
-BRIDGE_STAGE = """
-import sys, time, torch
-from pathlib import Path
-from bridge_helpers import smollm2_tokenizer
-from bridge.assemble import assemble
-from bridge.data import Collator, SynthInstructions
-from bridge.llm import tiny_llama
-from bridge.towers import load_tower
-from bridge.train import StageConfig, train_stage, trainable_state
-from safetensors.torch import save_file
+def bridge_stage(ckpt, out, slow=0.0) -> None:
+    """One bridge stage-2 run on a tiny random Llama and our tiny checkpoint; each sample takes `slow` seconds to
+    read, so that a kill -9 lands in the middle of the run. The final weights go next to `out`."""
+    from bridge_helpers import smollm2_tokenizer
+    from safetensors.torch import save_file
 
-ckpt, out, slow = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
-tok = smollm2_tokenizer()
-tower = load_tower(ckpt)
-model, processor = assemble(tower, tiny_llama(tok, seed=0, init_std=0.1), tok, seed=0)
-collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
-data = SynthInstructions(12, image_size=32)
+    from bridge.assemble import assemble
+    from bridge.data import Collator, SynthInstructions
+    from bridge.llm import tiny_llama
+    from bridge.towers import load_tower
+    from bridge.train import StageConfig, train_stage, trainable_state
 
-class Slow:
-    def __len__(self):
-        return len(data)
-    def __getitem__(self, i):
-        time.sleep(slow)
-        return data[i]
+    out, slow = Path(out), float(slow)
+    tok = smollm2_tokenizer()
+    tower = load_tower(ckpt)
+    model, processor = assemble(tower, tiny_llama(tok, seed=0, init_std=0.1), tok, seed=0)
+    collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
+    data = SynthInstructions(12, image_size=32)
 
-cfg = StageConfig(stage=2, steps=8, batch_size=2, lr=1e-3, save_every=1, progress=False)
-train_stage(model, Slow(), collate, cfg, out)
-save_file(trainable_state(model), str(out.parent / (out.name + ".final.safetensors")))
-"""
+    class Slow:
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            time.sleep(slow)
+            return data[i]
+
+    cfg = StageConfig(stage=2, steps=8, batch_size=2, lr=1e-3, save_every=1, progress=False)
+    train_stage(model, Slow(), collate, cfg, out)
+    save_file(trainable_state(model), str(out.parent / (out.name + ".final.safetensors")))
 
 
-def _bridge(ckpt: Path, out: Path, slow: float = 0.0, wait: bool = True):
+def _bridge_process(ckpt: Path, out: Path, slow: float = 0.0, wait: bool = True):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}"}
-    proc = subprocess.Popen([sys.executable, "-c", BRIDGE_STAGE, str(ckpt), str(out), str(slow)], cwd=ROOT, env=env,
+    code = "import sys; from tests.test_runfolder import bridge_stage; bridge_stage(*sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(out), str(slow)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if wait:
         _, err = proc.communicate(timeout=300)
@@ -88,15 +88,24 @@ def our_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory):
+    from encoder.config import apply_overrides, get_preset
+    from encoder.train import train
+
     run = tmp_path_factory.mktemp("pre") / "run"
-    result = run_cli("train", "--out", str(run), *MICRO)
-    assert result.returncode == 0, result.stderr[-2000:]
+    train(apply_overrides(get_preset("ov2-micro"), ["--data.workers=0"]), str(run))
     return run
 
 
-def test_pretraining_and_bridge_stage_folders_are_read_by_the_same_code(pretrain_run, our_ckpt, tmp_path):
-    stage = tmp_path / "stage2"
-    _bridge(our_ckpt, stage)
+@pytest.fixture(scope="module")
+def bridge_run(our_ckpt, tmp_path_factory):
+    """A finished bridge stage-2 run folder (in this process); the reference of the kill -9 test."""
+    run = tmp_path_factory.mktemp("bridge") / "straight"
+    bridge_stage(our_ckpt, run)
+    return run
+
+
+def test_pretraining_and_bridge_stage_folders_are_read_by_the_same_code(pretrain_run, bridge_run):
+    stage = bridge_run
     for run, steps, kind in ((pretrain_run, 20, "pretrain"), (stage, 8, "bridge_stage2")):
         info = read_run(run)
         assert info["status"]["state"] == "ok" and info["status"]["kind"] == kind
@@ -111,16 +120,15 @@ def test_pretraining_and_bridge_stage_folders_are_read_by_the_same_code(pretrain
     assert not (stage / "ckpt").exists()  # the bridge's old two-rename layout is gone
 
 
-def test_bridge_stage_resumes_exactly_after_kill9(our_ckpt, tmp_path):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    _bridge(our_ckpt, straight)
-    proc = _bridge(our_ckpt, broken, slow=0.15, wait=False)
+def test_bridge_stage_resumes_exactly_after_kill9(our_ckpt, bridge_run, tmp_path):
+    straight, broken = bridge_run, tmp_path / "broken"
+    proc = _bridge_process(our_ckpt, broken, slow=0.15, wait=False)
     _kill_after_checkpoint(proc, broken, 3)
     assert read_run(broken)["status"]["state"] == "interrupted"  # running, but its process is gone
     killed_at = read_run(broken)["step"]
     assert 3 <= killed_at < 8
-    _bridge(our_ckpt, broken)
-    a = load_file(str(tmp_path / "straight.final.safetensors"))
+    _bridge_process(our_ckpt, broken)
+    a = load_file(str(straight.parent / "straight.final.safetensors"))
     b = load_file(str(tmp_path / "broken.final.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_run(broken)["metrics"]]

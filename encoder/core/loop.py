@@ -1,0 +1,85 @@
+"""The one optimisation loop of every training stage (pretraining stages, bridge stage 1 and 2).
+
+    state = {"step": 0, "nan_streak": 0, ...}          # saved in every checkpoint's trainer.json
+    run_steps(module, optimizer, LoopConfig(grad_accum=2, bf16=True), state=state, end=100,
+              batch=lambda step, micro: {...},          # the micro-batch (on the device); a pure function of the step
+              loss=lambda batch: {"loss": t, ...},      # scalar terms; "loss" is the one that is minimised
+              set_lr=lambda step: lr,                   # sets the optimizer's learning rates, returns the logged one
+              log=lambda step, lr, terms: ...,          # after every optimizer step (the caller picks what to write)
+              save=lambda: ...)                         # every ckpt_every steps and at `end`
+
+Per step: gradient accumulation over `grad_accum` micro-batches (DDP gradient sync on the last one only), bf16
+autocast on the device the module is on, a NaN/inf guard agreed by every rank (the step is skipped; after
+`nan_patience` such steps in a row the run stops with a NonFiniteLoss error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss was not finite for `nan_patience` steps in a row."""
+
+
+@dataclass
+class LoopConfig:
+    grad_accum: int = 1
+    bf16: bool = False
+    nan_patience: int = 5
+    ckpt_every: int = 100
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def run_steps(module, optimizer, cfg: LoopConfig, *, state: dict, end: int,
+              batch: Callable[[int, int], dict], loss: Callable[[dict], dict[str, torch.Tensor]],
+              set_lr: Callable[[int], float], log: Callable[[int, float, dict], None],
+              save: Callable[[], None], bar=None, device: torch.device | None = None) -> None:
+    """Optimizer steps from state["step"] to `end` (state is updated in place)."""
+    device = device or device_of(module)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    while state["step"] < end:
+        lr = set_lr(state["step"])
+        terms_sum: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            inputs = batch(state["step"], micro)
+            sync = micro == cfg.grad_accum - 1 or not hasattr(module, "no_sync")
+            with (contextlib.nullcontext() if sync else module.no_sync()), autocast:
+                terms = loss(inputs)
+            (terms["loss"] / cfg.grad_accum).backward()
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        if _any_rank(not math.isfinite(terms_sum["loss"])):  # skip the step on every rank
+            optimizer.zero_grad(set_to_none=True)
+            state["nan_streak"] = state.get("nan_streak", 0) + 1
+            if state["nan_streak"] >= cfg.nan_patience:
+                raise NonFiniteLoss(f"loss was not finite for {state['nan_streak']} steps in a row at step "
+                                    f"{state['step']}: lower the learning rate or check the data")
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["nan_streak"] = 0
+        state["step"] += 1
+        if bar is not None:
+            bar.update(1)
+        log(state["step"], lr, terms_sum)
+        if state["step"] % cfg.ckpt_every == 0 or state["step"] == end:
+            save()

@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     from encoder.core.runfolder import RunLocked
 
     try:
-        scores = evaluate(args.model, [t for t in args.tasks.split(",") if t], args.out, args.limit, args.data,
-                          args.batch_size, args.force)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        scores = evaluate(args.model, tasks, args.out, args.limit, args.data, args.batch_size, args.force)
     except (BadInput, RunLocked) as err:
         print(f"ov2 eval: {err}", file=sys.stderr)
         return 2

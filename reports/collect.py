@@ -111,6 +111,14 @@ def experiment_encoders(experiment: dict) -> list[str]:
     return names
 
 
+def experiment_labels(experiment: dict) -> dict[str, str]:
+    """name -> display label, for encoders whose entry has a `label`."""
+    encoders = experiment.get("encoders") or []
+    items = encoders.items() if isinstance(encoders, dict) else [(e.get("name"), e) for e in encoders
+                                                                 if isinstance(e, dict)]
+    return {str(k): v["label"] for k, v in items if isinstance(v, dict) and v.get("label")}
+
+
 def encoder_family(experiment: dict, name: str) -> str:
     """The encoder's preset or family as written in the experiment ('' when unknown)."""
     encoders = experiment.get("encoders") or []
@@ -177,12 +185,22 @@ def load_run(run_dir: str | Path) -> dict:
     curves = pd.DataFrame(curves, columns=["encoder", "curve", "step", "loss", "seconds"])
     for col in ("step", "loss", "seconds"):
         curves[col] = pd.to_numeric(curves[col], errors="coerce")
+    status = pd.DataFrame(status, columns=["encoder", "stage", *STATUS_FIELDS, "command", "log"])
+    samples, curves = samples[sample_cols].copy(), curves.dropna(subset=["step", "loss"]).copy()
+    # from here on an encoder is called by its display label (the experiment's `label:`), when labels are distinct
+    labels = {e: str(lab) for e, lab in experiment_labels(experiment).items() if lab and str(lab) != e}
+    if len(set(labels.values()) | (set(encoders) - set(labels))) < len(encoders):
+        labels = {}
+    show = lambda e: labels.get(e, e)  # noqa: E731
+    for table in (results, status, samples, curves):
+        table["encoder"] = table["encoder"].map(show)
     return {
         "dir": run, "name": str(experiment.get("name") or run.name), "experiment": experiment,
-        "provenance": _json(run / "run.json"), "results": results, "encoders": encoders,
-        "status": pd.DataFrame(status, columns=["encoder", "stage", *STATUS_FIELDS, "command", "log"]),
-        "samples": samples[sample_cols], "scores": scores, "curves": curves.dropna(subset=["step", "loss"]),
-        "encoder_eval": {k: v for k, v in enc_eval.items() if v}, "configs": configs, "data_dir": run / "data",
+        "provenance": _json(run / "run.json"), "results": results, "encoders": [show(e) for e in encoders],
+        "families": {show(e): encoder_family(experiment, e) for e in encoders}, "status": status,
+        "samples": samples, "scores": {show(k): v for k, v in scores.items()}, "curves": curves,
+        "encoder_eval": {show(k): v for k, v in enc_eval.items() if v},
+        "configs": {(show(e), name): text for (e, name), text in configs.items()}, "data_dir": run / "data",
     }
 
 

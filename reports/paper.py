@@ -18,7 +18,7 @@ PAPER_METHODS = {"ov2": "OpenVision 2", "ov1": "OpenVision", "clip": "OpenAI-CLI
 
 
 def family(run: dict, enc: str) -> str:
-    for text in (collect.encoder_family(run["experiment"], enc), enc):
+    for text in (run["families"].get(enc, ""), enc):
         head = str(text).lower().split("-")[0]
         if head in PAPER_METHODS:
             return head

@@ -11,7 +11,7 @@ import math
 
 import pandas as pd
 
-from reports.collect import ENCODER_TASKS, TASKS, encoder_family
+from reports.collect import ENCODER_TASKS, TASKS
 from reports.stats import paired_differences
 
 
@@ -30,7 +30,7 @@ def task_label(task: str) -> str:
 def reference_encoder(run: dict) -> str | None:
     encoders = run["encoders"]
     for name in encoders:
-        if name.lower().startswith("ov2") or encoder_family(run["experiment"], name).lower().startswith("ov2"):
+        if name.lower().startswith("ov2") or run["families"].get(name, "").lower().startswith("ov2"):
             return name
     return encoders[0] if encoders else None
 

@@ -315,3 +315,16 @@ def test_examples_show_image_question_and_every_answer(report):
     assert "Which tag is written: &lt;b&gt;bold&lt;/b&gt;" in html
     card = html.split("Which tag is written:")[1].split('<div class="card">')[0]
     assert '<li class="wrong">' in card and '<li class="right">' in card
+
+
+def test_encoders_shown_by_their_label(tmp_path):
+    import yaml
+
+    run = write_run(tmp_path / "run", encoders=("a", "b"), failed=None, n=8, with_data=False)
+    experiment = yaml.safe_load((run / "experiment.yaml").read_text())
+    experiment["encoders"] = {"a": {"preset": "clip-tiny", "label": "CLIP tiny"},
+                              "b": {"preset": "ov2-tiny", "label": "OpenVision 2 tiny"}}
+    (run / "experiment.yaml").write_text(yaml.safe_dump(experiment))
+    rows = parse_tables(build_report(run))["summary-table"]
+    names = [r[0][1].strip() for r in rows[1:-1]]
+    assert names == ["CLIP tiny", "OpenVision 2 tiny reference"]  # the ov2 preset is the reference, by label

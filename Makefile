@@ -2,7 +2,8 @@
 #   make demo   creates .venv, installs everything, runs the default experiment (ov2 vs ov1 vs clip: pretrain,
 #               bridge to SmolLM2, evaluate with lmms-eval) and writes runs/default/report/index.html
 #   make quick  the same experiment as a few-minute smoke run -> runs/default-quick/report/index.html
-#   make test   creates .venv if needed, runs the test suite (CPU)
+#   make test   creates .venv if needed, runs the whole test suite as CI does (CPU; prints the slowest tests)
+#   make test-fast   the same without the tests marked `slow` (learning runs, multi-process trainings): for iteration
 # A second run reinstalls nothing: .venv/.installed records the install.
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo quick test install lint clean
+.PHONY: demo quick test test-fast install lint clean
 
 install: $(STAMP)
 
@@ -34,7 +35,10 @@ quick: $(STAMP)
 	$(VENV)/bin/ov2 run benchmarks/experiments/default.yaml --quick --out runs/default-quick
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check encoder bridge benchmarks reports ov2 tests

@@ -184,6 +184,7 @@ def test_baseline_learns_on_builtin_data(tmp_path_factory, family):
     assert accuracy > 0.5  # chance 0.125 (200 scenes: +- 0.023); measured 0.89 (ov1) and 0.91 (clip)
 
 
+@pytest.mark.slow  # a training and two 3000-image probes in fresh processes
 def test_equal_budget_benchmark_writes_its_table(cli, tmp_path):
     out, table = tmp_path / "runs", tmp_path / "table.md"
     args = ["bench", "baselines", "--steps", "3", "--families", "clip", "--out", str(out), "--table", str(table)]

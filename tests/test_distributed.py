@@ -108,6 +108,7 @@ RUN = ["--stages.0.image_size=16", "--stages.1.image_size=32", "--stages.0.batch
        "--stages.1.warmup_steps=1", "--ckpt_every=2", "--log_every=2", "--keep_last=4", "--data.workers=0"]
 
 
+@pytest.mark.slow  # four 2-process trainings (~1 min together on 2 cores)
 @pytest.mark.parametrize("family,mode", [("ov2", "ddp"), ("ov1", "fsdp"), ("clip", "ddp"), ("clip", "fsdp")])
 def test_torchrun_training_checkpoint_and_exact_resume(tmp_path, family, mode):
     from safetensors.torch import load_file

@@ -26,17 +26,20 @@ class ConfigError(ValueError):
     """A bad configuration; the CLI prints it as one line and exits 2."""
 
 
-def leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted path: value} for every scalar in the config tree (list items as `.0`, `.1`, ...)."""
+def leaves(obj: Any, prefix: str = "", dicts: bool = False) -> dict[str, Any]:
+    """{dotted path: value} for every scalar in the config tree (list items as `.0`, `.1`, ...); with `dicts`,
+    mappings are walked too (a saved config read back from YAML)."""
     if dataclasses.is_dataclass(obj):
         items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif dicts and isinstance(obj, dict):
+        items = [(str(k), v) for k, v in obj.items()]
     elif isinstance(obj, list):
         items = [(str(i), v) for i, v in enumerate(obj)]
     else:
         return {prefix: obj}
     out = {}
     for name, value in items:
-        out.update(leaves(value, f"{prefix}.{name}" if prefix else name))
+        out.update(leaves(value, f"{prefix}.{name}" if prefix else name, dicts))
     return out
 
 

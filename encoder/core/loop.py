@@ -36,13 +36,9 @@ class LoopConfig:
 
 
 def _any_rank(flag: bool) -> bool:
-    import torch.distributed as dist
+    from encoder.distributed import all_reduce_max
 
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return all_reduce_max(1.0 if flag else 0.0) > 0
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

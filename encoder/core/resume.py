@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from encoder.core.config import ConfigError
+from encoder.core.config import ConfigError, leaves
 
 MIN_FREE_MB = 64
 # keys a resume may change: how often it logs and saves, how it reads data, how it runs on the machine
@@ -46,21 +46,8 @@ def check_out(out: str | Path) -> None:
         raise ConfigError(f"--out {out}: no space left on the device ({free_mb:.0f} MB free)")
 
 
-def _leaves(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, list):
-        items = ((str(i), v) for i, v in enumerate(tree))
-    else:
-        return {prefix: tree}
-    out = {}
-    for k, v in items:
-        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def diff_configs(saved: dict, now: dict) -> list[tuple[str, object, object]]:
-    a, b = _leaves(saved), _leaves(now)
+    a, b = leaves(saved, dicts=True), leaves(now, dicts=True)
     return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     from encoder.config import ConfigError
 
     prog = "ov2 eval-encoder"
-    if args.n_train < 20 or args.n_test < 1 or args.batch < 1:
-        return fail(prog, f"--n-train must be at least 20 (the probe holds out 20 %), --n-test and --batch at least "
-                          f"1; got {args.n_train}, {args.n_test}, {args.batch}")
+    if args.n_train < 10 or args.n_test < 10 or args.batch < 1:
+        return fail(prog, f"--n-train and --n-test must be at least 10 (the probe holds out 20 % of the train "
+                          f"images), --batch at least 1; got {args.n_train}, {args.n_test}, {args.batch}")
     if args.out and os.path.isdir(args.out):
         return fail(prog, f"--out {args.out} is a folder; give a file name for the JSON")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):

@@ -149,9 +149,7 @@ def _scores_entry(name: str, result: dict, samples: list[dict]) -> tuple[dict, l
         score = score.get("score") if isinstance(score, dict) else _number(score)
         question = doc.get("question")
         if spec is not None and question is not None:
-            from bridge.data import LETTER, SHORT
-
-            question += {SHORT: SHORT, LETTER: LETTER}[spec.suffix]
+            question += spec.suffix  # the prompt as asked (lmms-eval's post_prompt)
         elif question is None:
             args = s.get("arguments")
             question = args[0] if isinstance(args, (list, tuple)) and args and isinstance(args[0], str) else None

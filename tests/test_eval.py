@@ -57,6 +57,7 @@ def test_eval_writes_scores_samples_and_lmms_eval_files(evaluated, capsys):
         assert [x["doc_id"] for x in lines] == list(range(LIMIT))
         assert all(set(x) == {"doc_id", "question", "target", "prediction", "score", "type"} for x in lines)
         assert all(x["score"] in (0.0, 1.0) and x["prediction"] for x in lines)
+        assert all(x["question"].endswith("?\nAnswer the question using a single word or phrase.") for x in lines)
         assert (out / "lmms_eval" / f"{name}_results.json").is_file()
         assert (out / "lmms_eval" / f"{name}_samples_{name}.jsonl").is_file()
     assert "acc_colour" in scores["tasks"]["ov2_gqa"]["metrics"]

@@ -7,6 +7,7 @@ an image, so a label such as an encoder's name cannot become markup, and the fil
 from __future__ import annotations
 
 import base64
+import functools
 import io
 
 import matplotlib
@@ -16,12 +17,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 PALETTE = ["#2f6fb0", "#e07b39", "#3a9a5b", "#b8455a", "#7d5ba6", "#8c6d31", "#4aa3b5", "#777777"]
-plt.rcParams.update({
+STYLE = {  # applied per figure (plt.rc_context), so that importing this module changes no one else's plots
     "font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.edgecolor": "#888888",
     "axes.titlesize": 10, "axes.titleweight": "bold", "axes.grid": True, "grid.color": "#e6e6e6",
     "grid.linewidth": 0.6, "axes.axisbelow": True, "legend.frameon": False, "svg.hashsalt": "ov2",
     "svg.fonttype": "none",  # text stays text (a third of the size); the browser draws it with its sans-serif
-})
+}
+
+
+def _styled(make):
+    @functools.wraps(make)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(STYLE):
+            return make(*args, **kwargs)
+    return wrapper
 
 
 def colours(encoders: list[str]) -> dict[str, str]:
@@ -57,6 +66,7 @@ def _level(ax, y: float, label: str) -> None:
                 ha="right", va="bottom", fontsize=7, color="#555555")
 
 
+@_styled
 def task_chart(title: str, bars: list[dict], chance: float | None, unit: str, colour: dict[str, str]) -> str:
     """Bars (encoder, value, stderr) with 1.96 x stderr error bars and chance as a dashed line."""
     fig, ax = plt.subplots(figsize=(3.3, 2.3))
@@ -82,6 +92,7 @@ def task_chart(title: str, bars: list[dict], chance: float | None, unit: str, co
     return svg_uri(fig)
 
 
+@_styled
 def curve_chart(title: str, curves: pd.DataFrame, colour: dict[str, str]) -> str:
     """Loss against step (left) and against wall-clock seconds (right), one line per encoder."""
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 2.5), sharey=True)
@@ -100,6 +111,7 @@ def curve_chart(title: str, curves: pd.DataFrame, colour: dict[str, str]) -> str
     return svg_uri(fig)
 
 
+@_styled
 def grouped_chart(title: str, groups: list[str], series: dict[str, list[float | None]], colour: dict[str, str],
                   floor: float | None = None, floor_label: str = "chance", unit: str = "%") -> str:
     """Grouped bars: one group per label in `groups`, one bar per encoder (series: encoder -> values)."""

@@ -9,7 +9,10 @@
     RUN/encoders/<enc>/encoder_eval/result.json              -> run["encoder_eval"]
     benchmarks/reference/<paper>.csv, benchmarks/results/kernels_cpu.md -> load_paper, load_markdown_tables
 
-Missing or unreadable files give empty tables: a report of a half-finished run must still build.
+Missing files give empty tables: a report of a half-finished run must still build. A results table that exists but
+cannot be read raises BadRunFolder (one line for the CLI).
+Encoders are called by their display label (`label:` in experiment.yaml) once read; run["families"] keeps the
+preset of each, which picks the OpenVision 2 reference row.
 """
 
 from __future__ import annotations

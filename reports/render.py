@@ -2,9 +2,12 @@
 
     build_report(run_dir, out=None, compare=None) -> Path     # RUN/report/index.html by default
 
-Everything is read from disk (reports/collect.py); plots are data URIs (reports/figures.py); the only script is the
-template's few inline lines that sort tables. Every string from the run folder goes through autoescape; the one
-`|safe`-free path for markup is the template itself.
+Sections: summary (reports/summary.py, paired bootstrap in reports/stats.py), per-task charts and curves
+(reports/figures.py), examples (reports/examples.py), encoder evaluation, efficiency (reports/efficiency.py), the
+paper (reports/paper.py), failures, provenance. Everything is read from disk (reports/collect.py); plots are data
+URIs; the only script is the template's few inline lines (table sorting, the contents list's current section).
+Every string from the run folder goes through autoescape: no template uses `|safe`, and charts are <img> data URIs,
+so neither a name nor an answer can become markup.
 """
 
 from __future__ import annotations

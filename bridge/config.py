@@ -109,9 +109,10 @@ def validate(cfg: BridgeConfig) -> BridgeConfig:
         raise ConfigError("encoder: give a checkpoint or run folder, preset:NAME, or a transformers / open_clip folder")
     if not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):
         raise ConfigError(f"device must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    from encoder.data.synth import KINDS
+    from encoder.data.synth import KINDS as SCENES
 
+    known = (*SCENES, "fashion")  # "fashion": Fashion-MNIST train images (bridge.data.fashion_scene)
     kinds = [k for k in cfg.synth_kinds.split(",") if k]
-    if not kinds or set(kinds) - set(KINDS):
-        raise ConfigError(f"synth_kinds: unknown kinds {sorted(set(kinds) - set(KINDS))}; choose from {KINDS}")
+    if not kinds or set(kinds) - set(known):
+        raise ConfigError(f"synth_kinds: unknown kinds {sorted(set(kinds) - set(known))}; choose from {known}")
     return cfg

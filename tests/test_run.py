@@ -52,13 +52,13 @@ def write(tmp: Path, tree: dict, name: str = "exp.yaml") -> str:
 
 
 def stage_lines(stderr: str) -> dict[str, str]:
-    """{"a/pretrain": "done before ..." | "ok in ..." | ...} from the runner's per-stage lines."""
+    """{"a/pretrain": its first line ("done before ...", "starting ...", "resuming ...", ...)} from the runner."""
     out = {}
     for line in stderr.splitlines():
         if line.startswith("[") and "] " in line and " · " in line:
             head, _, rest = line.partition("] ")[2].partition(": ")
             enc, _, stage = head.partition(" · ")
-            out[f"{enc}/{stage}"] = rest
+            out.setdefault(f"{enc}/{stage}", rest)
     return out
 
 

@@ -96,33 +96,47 @@ def datasets(cfg: BridgeConfig, image_size: int):
 
 
 def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
+    """Both stages, export and held-out check. Under torchrun every rank trains (each on its share of every batch,
+    gradients averaged) and rank 0 owns the folder: lock, status, config, export, evaluation, summary."""
+    import contextlib
+
     from bridge.data import Collator
     from bridge.evaluate import heldout_accuracy
     from bridge.export import export_llava
+    from encoder import distributed as dist
 
     validate(cfg)
     out = Path(cfg.out)
     check_out(out)
     runfolder.check_unlocked(out)
     check_same_run(cfg)
-    device = _device(cfg.device)
+    local = dist.setup()  # joins the process group under torchrun; cuda:LOCAL_RANK when there is a GPU
+    device = local if cfg.device == "auto" else _device(cfg.device)
     model, processor, tower = build(cfg)  # a bad --encoder or --llm fails here, before anything is written
     data1, data2 = datasets(cfg, tower.image_size)
     collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
     key = runfolder.config_key(asdict(cfg))
-    with runfolder.RunLock(out), runfolder.track(out, key=key, kind="bridge"):
-        tmp = out / f".{CONFIG}.{os.getpid()}.tmp"
-        tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-        os.replace(tmp, out / CONFIG)
-        summary = {"encoder": cfg.encoder, "llm": cfg.llm}
+    summary = {"encoder": cfg.encoder, "llm": cfg.llm}
+    dist.barrier()  # every rank has checked OUT before rank 0 writes into it
+    with contextlib.ExitStack() as owner:
+        if dist.is_main():
+            owner.enter_context(runfolder.RunLock(out))
+            owner.enter_context(runfolder.track(out, key=key, kind="bridge"))
+            tmp = out / f".{CONFIG}.{os.getpid()}.tmp"
+            tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+            os.replace(tmp, out / CONFIG)
+        dist.barrier()
         model.to(device)
         summary["stage1"] = train_stage(model, data1, collate, cfg.stage1, out / "stage1", inputs=(key,))
         summary["stage2"] = train_stage(model, data2, collate, cfg.stage2, out / "stage2", inputs=(key,))
         model.to("cpu")  # export and the held-out check run where any reader can load them
-        export_llava(model, processor, out / "model", extra={"encoder": cfg.encoder, "llm": cfg.llm})
-        if evaluate and cfg.eval_samples > 0:
-            summary["heldout"] = heldout_accuracy(model, processor, n=cfg.eval_samples)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        if dist.is_main():
+            export_llava(model, processor, out / "model", extra={"encoder": cfg.encoder, "llm": cfg.llm})
+            if evaluate and cfg.eval_samples > 0:
+                summary["heldout"] = heldout_accuracy(model, processor, n=cfg.eval_samples)
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    dist.barrier()
+    dist.teardown()
     return summary
 
 

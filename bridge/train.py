@@ -15,8 +15,10 @@ The sample order is a pure function of (seed, step), so a resumed run sees exact
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +31,7 @@ from tqdm import tqdm
 from bridge.assemble import trainable_groups
 from bridge.config import DEFAULT_LR, StageConfig  # noqa: F401  (StageConfig is imported from here by callers)
 from bridge.loss import AnswerLoss
+from encoder import distributed as dist
 from encoder.core import checkpoint as core
 from encoder.core import runfolder
 from encoder.core.config import ConfigError
@@ -81,7 +84,7 @@ def load_trainable(model, path: Path | dict) -> None:
 
 
 def _read_ckpt(path: Path) -> dict:
-    rng = path / "rng_rank0.pt"
+    rng = path / f"rng_rank{dist.rank()}.pt"
     return {"model": load_file(str(path / "model.safetensors")),
             "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
             "rng": torch.load(rng, weights_only=True) if rng.is_file() else None,
@@ -89,12 +92,21 @@ def _read_ckpt(path: Path) -> dict:
 
 
 def _save_ckpt(model, opt, step: int, cfg: StageConfig, out_dir: Path) -> Path:
-    tmp = core.begin(out_dir, step)
-    save_file(trainable_state(model), str(tmp / "model.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save(torch.get_rng_state(), tmp / "rng_rank0.pt")
-    (tmp / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    return core.commit(tmp, {"step": step}, cfg.keep_last)
+    """Collective under torchrun (every rank saves its RNG state; rank 0 the rest, and renames once)."""
+    final = core.step_path(out_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.is_main():
+        core.begin(out_dir, step)
+    dist.barrier()
+    torch.save(torch.get_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        core.commit(tmp, {"step": step}, cfg.keep_last)
+    dist.barrier()
+    return final
 
 
 def latest_weights(out_dir: str | Path) -> Path | None:
@@ -131,16 +143,23 @@ def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, 
         g["initial_lr"] = g["lr"]
     opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     key = runfolder.config_key(asdict(cfg), *inputs)
-    with runfolder.RunLock(out_dir), runfolder.track(out_dir, key=key, kind=f"bridge_stage{cfg.stage}"):
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    main = dist.is_main()  # under torchrun rank 0 owns the folder; every rank trains
+    dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    with contextlib.ExitStack() as owner:
+        if main:
+            owner.enter_context(runfolder.RunLock(out_dir))
+            owner.enter_context(runfolder.track(out_dir, key=key, kind=f"bridge_stage{cfg.stage}"))
+            tmp = out_dir / f".config.yaml.{os.getpid()}.tmp"
+            tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+            os.replace(tmp, out_dir / "config.yaml")
+            runfolder.rewrite_metrics(out_dir / "metrics.jsonl", step)
         if found:
             load_trainable(model, found[1]["model"])
             opt.load_state_dict(found[1]["optimizer"])
             if found[1]["rng"] is not None:
                 torch.set_rng_state(found[1]["rng"])
-        runfolder.rewrite_metrics(out_dir / "metrics.jsonl", step)
         summary = _loop(model, dataset, collate, cfg, out_dir, opt, step, stop_after)
-    if summary["steps"] < cfg.steps:
+    if main and summary["steps"] < cfg.steps:
         runfolder.write_status(out_dir, "interrupted", error=f"stopped at step {summary['steps']}")
     return summary
 
@@ -153,11 +172,16 @@ def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: i
     model.train()
     t0, last, saved, tokens = time.time(), {}, {"step": step}, {"n": 0}
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {cfg.stage}", disable=not cfg.progress)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {cfg.stage}", disable=not cfg.progress or not dist.is_main())
 
-    def batch(step: int, micro: int) -> dict:
+    rank, world = dist.rank(), dist.world_size()
+    if cfg.batch_size % world:
+        raise ConfigError(f"stage{cfg.stage}.batch_size {cfg.batch_size} does not split over {world} processes")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def batch(step: int, micro: int) -> dict:  # this rank's share of the global batch
         first = (step * cfg.grad_accum + micro) * cfg.batch_size
-        items = collate([dataset[order(first + j)] for j in range(cfg.batch_size)])
+        items = collate([dataset[order(first + j)] for j in range(rank, cfg.batch_size, world)])
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in items.items()}
 
     def loss(inputs: dict) -> dict:
@@ -171,13 +195,21 @@ def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: i
             g["lr"] = g["initial_lr"] * factor
         return cfg.lr * factor
 
-    with (out_dir / "metrics.jsonl").open("a") as log_file:
-        def log(step: int, lr: float, terms: dict) -> None:
+    def average_gradients() -> None:  # what DDP would do; the LLaVA model is called part by part, not wrapped
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
+    with (out_dir / "metrics.jsonl").open("a") if dist.is_main() else contextlib.nullcontext() as log_file:
+        def log(step: int, lr: float, terms: dict) -> None:  # rank 0's loss and token count
             last.update(stage=cfg.stage, step=step, loss=terms["loss"], lr=lr, tokens=tokens["n"],
                         seconds=round(time.time() - t0, 3), peak_rss_mb=runfolder.peak_rss_mb())
             tokens["n"] = 0
-            log_file.write(json.dumps(last) + "\n")
-            log_file.flush()
+            if log_file is not None:
+                log_file.write(json.dumps(last) + "\n")
+                log_file.flush()
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
 
         def save() -> None:
@@ -188,12 +220,13 @@ def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: i
         loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=cfg.bf16, nan_patience=cfg.nan_patience,
                           ckpt_every=cfg.save_every)
         run_steps(model, opt, loop, state=state, end=end, batch=batch, loss=loss, set_lr=set_lr, log=log,
-                  save=save, bar=bar, device=device)
+                  save=save, bar=bar, device=device, before_step=average_gradients if world > 1 else None)
     bar.close()
     model.eval()
     summary = {"stage": cfg.stage, "steps": saved["step"], "final_loss": last.get("loss"),
                "seconds": round(time.time() - t0, 2), "peak_rss_mb": runfolder.peak_rss_mb()}
-    if saved["step"] >= cfg.steps:
+    if saved["step"] >= cfg.steps and dist.is_main():
         save_file(trainable_state(model), str(out_dir / "final.safetensors"))
         (out_dir / "done.json").write_text(json.dumps(summary, indent=1))
+    dist.barrier()
     return summary

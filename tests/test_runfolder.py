@@ -33,7 +33,9 @@ def bridge_stage(ckpt, out, slow=0.0) -> None:
     from bridge.llm import tiny_llama
     from bridge.towers import load_tower
     from bridge.train import StageConfig, train_stage, trainable_state
+    from encoder import distributed
 
+    distributed.setup()  # joins the process group when started by torchrun
     out, slow = Path(out), float(slow)
     tok = smollm2_tokenizer()
     tower = load_tower(ckpt)
@@ -51,7 +53,9 @@ def bridge_stage(ckpt, out, slow=0.0) -> None:
 
     cfg = StageConfig(stage=2, steps=8, batch_size=2, lr=1e-3, save_every=1, progress=False)
     train_stage(model, Slow(), collate, cfg, out)
-    save_file(trainable_state(model), str(out.parent / (out.name + ".final.safetensors")))
+    rank = f".rank{distributed.rank()}" if distributed.world_size() > 1 else ""
+    save_file(trainable_state(model), str(out.parent / f"{out.name}{rank}.final.safetensors"))
+    distributed.teardown()
 
 
 def _bridge_process(ckpt: Path, out: Path, slow: float = 0.0, wait: bool = True):
@@ -183,3 +187,25 @@ def test_second_writer_is_refused_naming_the_holder(pretrain_run, tmp_path):
     assert result.returncode == 2 and f"pid {os.getpid()}" in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (run / "checkpoints").exists() and not (run / "status.json").exists()
+
+
+def test_bridge_stage_under_torchrun_trains_one_model_and_writes_once(our_ckpt, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(our_ckpt), str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "rank1" in line or
+                                              "Error" in line)[-3000:]
+    a, b = (load_file(str(tmp_path / f"ddp.rank{r}.final.safetensors")) for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # gradients averaged over ranks
+    info = read_run(out)
+    assert info["status"]["state"] == "ok" and [r["step"] for r in info["metrics"]] == list(range(1, 9))
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in core.list_checkpoints(out)[-1].iterdir()}
+    final = load_file(str(out / "final.safetensors"))
+    assert all(torch.equal(final[k], a[k]) for k in a)
+
+
+if __name__ == "__main__":  # one bridge stage, as a script (torchrun runs it on every rank)
+    bridge_stage(*sys.argv[1:])
+

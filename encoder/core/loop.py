@@ -48,7 +48,8 @@ def device_of(module: torch.nn.Module) -> torch.device:
 def run_steps(module, optimizer, cfg: LoopConfig, *, state: dict, end: int,
               batch: Callable[[int, int], dict], loss: Callable[[dict], dict[str, torch.Tensor]],
               set_lr: Callable[[int], float], log: Callable[[int, float, dict], None],
-              save: Callable[[], None], bar=None, device: torch.device | None = None) -> None:
+              save: Callable[[], None], bar=None, device: torch.device | None = None,
+              before_step: Callable[[], None] | None = None) -> None:
     """Optimizer steps from state["step"] to `end` (state is updated in place)."""
     device = device or device_of(module)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
@@ -63,6 +64,8 @@ def run_steps(module, optimizer, cfg: LoopConfig, *, state: dict, end: int,
             (terms["loss"] / cfg.grad_accum).backward()
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        if before_step is not None:  # e.g. averaging gradients over ranks for a model that DDP does not wrap
+            before_step()
         if _any_rank(not math.isfinite(terms_sum["loss"])):  # skip the step on every rank
             optimizer.zero_grad(set_to_none=True)
             state["nan_streak"] = state.get("nan_streak", 0) + 1

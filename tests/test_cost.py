@@ -128,8 +128,8 @@ HEADROOM = {"preset": "ov2-tiny", "image_size": 128, "cpu": True, "threads": 1, 
 def test_headroom_search_is_repeatable():
     """Each probe is a fresh process; the cap lies halfway between the peaks at batch 4 and 16, so the answer (8)
     has a margin of two images' activations on each side."""
-    low = cost_train.run_worker({**HEADROOM, "batch": 4, "steps": 1, "warmup": 0})["peak_mib"]
-    high = cost_train.run_worker({**HEADROOM, "batch": 16, "steps": 1, "warmup": 0})["peak_mib"]
+    low = cost_train.run_worker({**HEADROOM, "batch": 4, "steps": 1, "warmup": 1})["peak_mib"]  # as a probe runs
+    high = cost_train.run_worker({**HEADROOM, "batch": 16, "steps": 1, "warmup": 1})["peak_mib"]
     assert high - low > 100, (low, high)  # activations, not noise, decide
     cap = (low + high) / 2
     found = [cost_train.largest_batch(cost_train.probe(HEADROOM, cap), 4, 4, 64) for _ in range(2)]

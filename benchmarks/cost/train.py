@@ -83,10 +83,11 @@ def largest_batch(fits: Callable[[int], bool], start: int, step: int, limit: int
 
 
 def probe(spec: dict, cap_mib: float | None) -> Callable[[int], bool]:
-    """fits(batch): one step at this batch in a fresh process stays under the cap (and does not run out of memory)."""
+    """fits(batch): two steps at this batch in a fresh process stay under the cap (and do not run out of memory).
+    Two, because AdamW allocates its state in the first step: the second step's peak is the steady one."""
 
     def fits(batch: int) -> bool:
-        result = run_worker({**spec, "batch": batch, "steps": 1, "warmup": 0})
+        result = run_worker({**spec, "batch": batch, "steps": 1, "warmup": 1})
         ok = not result.get("oom") and (cap_mib is None or result["peak_mib"] <= cap_mib)
         used = "out of memory" if result.get("oom") else f"{result['peak_mib']:.0f} MiB"
         print(f"  headroom probe batch {batch}: {'fits' if ok else 'does not fit'} ({used})", flush=True)
@@ -146,10 +147,11 @@ def recipe_ablation(rows: dict, preset: str) -> list[dict]:
 
 def render(rows: dict, ablation: list[dict], args, device: str, note: str) -> str:
     header = ["variant", "px", "batch", "step (s)", "images/s", "peak (MiB)", "net (MiB)", "max batch", "time / ov2",
-              "memory / ov2", "net memory / ov2"]
+              "memory / ov2", "net memory / ov2", "load"]
     table = [[r["variant"], r["image_size"], r["batch"], f"{r['step_s']:.3f}", f"{r['images_per_s']:.2f}",
               f"{r['peak_mib']:.0f}", f"{r['net_mib']:.0f}", r.get("max_batch", ""), f"{r['time_vs_ov2']:.2f}",
-              f"{r['memory_vs_ov2']:.2f}", f"{r['net_memory_vs_ov2']:.2f}"] for r in rows.values()]
+              f"{r['memory_vs_ov2']:.2f}", f"{r['net_memory_vs_ov2']:.2f}", f"{r['load_1m']:.1f}"]
+             for r in rows.values()]
     text = f"# Training cost, OV2 vs OV1 vs CLIP ({device})\n\n{note}\n\n" + markdown_table(header, table)
     ov1 = rows.get("ov1")
     if ov1:
@@ -181,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="batch of the timed steps (default 8)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported (default 3)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every variant this many times, interleaved (a busy machine); default 1")
     parser.add_argument("--cap-mib", type=float, default=0,
-                        help="memory cap of the headroom search in MiB (default: 1536 on CPU; the GPU's memory)")
+                        help="memory cap of the headroom search in MiB (default: 1024 on CPU; the GPU's memory)")
     parser.add_argument("--headroom-step", type=int, default=4, help="batch granularity of the search (default 4)")
     parser.add_argument("--max-batch", type=int, default=65_536, help="stop the search here (default 65536)")
     parser.add_argument("--no-headroom", action="store_true", help="skip the batch-headroom search")
@@ -204,29 +208,36 @@ def main(argv: list[str] | None = None) -> int:
         if f"ov2-{args.preset}" not in PRESETS:
             raise ConfigError(f"unknown preset size {args.preset!r}")
         apply_overrides(get_preset(f"ov2-{args.preset}"), args.override)
-        if min(args.batch, args.steps, args.headroom_step) < 1 or args.warmup < 0:
-            raise ConfigError("--batch, --steps and --headroom-step must be at least 1, --warmup at least 0")
+        if min(args.batch, args.steps, args.headroom_step, args.rounds) < 1 or args.warmup < 0:
+            raise ConfigError("--batch, --steps, --rounds and --headroom-step must be at least 1, --warmup at least 0")
         check_writable(args.out, name, args.force)
     except (ConfigError, OutputExists) as err:
         print(f"ov2 bench train: {err}", file=sys.stderr)
         return 2
-    cap = args.cap_mib or (None if device == "cuda" else 1536.0)
+    cap = args.cap_mib or (None if device == "cuda" else 1024.0)
     started = time.time()
     rows: dict[str, dict] = {}
     from tqdm import tqdm
 
-    for v in tqdm(variants(args), desc="measuring", dynamic_ncols=True):
+    times: dict[str, list[float]] = {}
+    jobs = [v for _ in range(args.rounds) for v in variants(args)]  # rounds interleave: a load change hits all
+    for v in tqdm(jobs, desc="measuring", dynamic_ncols=True):
         result = run_worker(spec_of(v, args))
         if result.get("oom"):
             print(f"ov2 bench train: {v['name']} ran out of memory at batch {args.batch}: lower --batch",
                   file=sys.stderr)
             return 1
-        step = statistics.median(result["step_s"])
+        times.setdefault(v["name"], []).extend(result["step_s"])
+        step = statistics.median(times[v["name"]])
+        old = rows.get(v["name"], {})
+        peak = max(result["peak_mib"], old.get("peak_mib", 0.0))
         rows[v["name"]] = {"variant": v["name"], "family": v["family"], "keep_ratio": v["keep"],
                            "image_size": v["image_size"], "batch": args.batch, "step_s": step,
-                           "images_per_s": args.batch / step, "peak_mib": result["peak_mib"],
-                           "net_mib": result["peak_mib"] - result["base_mib"], "params_m": result["params_m"],
-                           "device": result["device"], "steps_timed": len(result["step_s"])}
+                           "images_per_s": args.batch / step, "peak_mib": peak,
+                           "net_mib": max(result["peak_mib"] - result["base_mib"], old.get("net_mib", 0.0)),
+                           "params_m": result["params_m"], "device": result["device"],
+                           "steps_timed": len(times[v["name"]]),
+                           "load_1m": max(os.getloadavg()[0], old.get("load_1m", 0.0))}
         print(json.dumps(rows[v["name"]]), flush=True)
     if not args.no_headroom:
         for v in variants(args)[:4]:
@@ -245,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     towers = "the preset's own towers" if args.paper_towers else SMALL_NAME
     note = (f"Preset {args.preset} ({towers}); full training steps (forward, losses, backward, AdamW) on random "
             f"pixels and full-length texts; median of {args.steps} timed steps after {args.warmup} warm-up, each "
-            f"variant in a fresh process{', bf16 autocast' if device == 'cuda' else ', fp32'}. Peak = "
+            f"variant in a fresh process{', bf16 autocast' if device == 'cuda' else ', fp32'}"
+            f"{f', {args.rounds} interleaved rounds (median over all timed steps)' if args.rounds > 1 else ''}. Peak = "
             f"{'CUDA allocator peak' if device == 'cuda' else 'peak resident set of the process'}; net = peak minus "
             f"the resident set before the model was built. Max batch: largest multiple of {args.headroom_step} "
-            f"whose step fits under {cap or 'the device memory'} MiB. Machine: {platform.machine()}, "
+            f"whose two steps fit under {cap or 'the device memory'} MiB. Machine: {platform.machine()}, "
             f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
-            f"{', ' + torch.cuda.get_device_name() if device == 'cuda' else ''}; load average "
-            f"{os.getloadavg()[0]:.1f} at the end (other jobs slow every variant alike only if they stay steady); "
+            f"{', ' + torch.cuda.get_device_name() if device == 'cuda' else ''}; 'load' = the 1-minute load average "
+            "when the variant finished, the highest over rounds (other jobs on the machine slow a variant); "
             f"{time.strftime('%Y-%m-%d', time.gmtime())}, {time.time() - started:.0f} s. Command: ov2 bench train "
             + " ".join(argv if argv is not None else sys.argv[1:]))
     markdown = render(rows, ablation, args, device, note)

@@ -166,6 +166,23 @@ def test_damaged_newest_checkpoint_falls_back_and_resume_is_still_exact(pretrain
     assert [r["step"] for r in read_run(run)["metrics"]] == [r["step"] for r in read_run(pretrain_run)["metrics"]]
 
 
+def test_bridge_stage_falls_back_from_a_damaged_checkpoint(our_ckpt, bridge_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "straight"  # the same name: the final weights land next to it
+    shutil.copytree(bridge_run, run)
+    for name in ("final.safetensors", "done.json"):  # as if the process died after writing step 8's checkpoint
+        (run / name).unlink()
+    weights = core.step_path(run, 8) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    bridge_stage(our_ckpt, run)
+    assert "step_0000008 is damaged (model.safetensors has" in capsys.readouterr().err
+    a = load_file(str(bridge_run.parent / "straight.final.safetensors"))
+    b = load_file(str(tmp_path / "straight.final.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_run(run)["metrics"]] == list(range(1, 9))
+
+
 def test_every_checkpoint_damaged_is_one_clear_error(pretrain_run, tmp_path):
     import shutil
 

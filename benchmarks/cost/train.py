@@ -2,6 +2,7 @@
 
     ov2 bench train                                  # CPU default: B/16 recipe, towers shrunk to ViT-Ti, 224 px
     ov2 bench train --batch 4 --steps 2 --no-headroom --out /tmp/cost           # quicker smoke
+    ov2 bench train --rounds 2 --headroom-step 2 --out /tmp/cost2      # busy machine: interleave, finer headroom
     ov2 bench train --preset l14 --paper-towers --batch 256 --cap-mib 80000    # a GPU (bf16) at the paper's size
 
 Every measurement runs in a fresh process (`benchmarks.cost.worker`): a full training step (forward, losses,

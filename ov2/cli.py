@@ -1,10 +1,10 @@
 """The `ov2` console script: a thin dispatcher over each package's own `main(argv)`.
 
-    ov2 data synth --n 20000 --out data/synth     write built-in captioned scenes as webdataset shards
+    ov2 run benchmarks/experiments/default.yaml    the whole job: train encoders, bridge them, evaluate, report
     ov2 train --preset ov2-tiny --out runs/demo    pretrain an encoder (OpenVision 2 / OpenVision / CLIP)
-    ov2 caption --ckpt runs/demo IMAGE...          greedy captions from a trained OpenVision 2 model
-    ov2 bench kernels                              fused linear cross-entropy benchmark
-    ov2 bridge ... / ov2 eval ... / ov2 report ... / ov2 run ...
+    ov2 bridge train --encoder runs/demo --out runs/llava    LLaVA stage 1 + 2 and a standard LLaVA export
+    ov2 eval runs/llava/model --tasks ov2_gqa --out runs/eval    lmms-eval on a LLaVA folder
+    ov2 report runs/default                        the HTML report of a run folder
 
 Each sub-command has its own --help. Sub-commands import their package only when called.
 """

@@ -76,7 +76,8 @@ def test_eval_encoder_cli_writes_json(tmp_path_factory, cli, tmp_path):
     assert printed["n_train"] == 300 and printed["n_test"] == 200 and printed["image_size"] == 32
     assert 0 <= printed["linear_probe_acc"] <= 1 and printed["zero_shot_method"] == "cosine"
     missing = cli("eval-encoder", "--ckpt", str(tmp_path / "nothing"), timeout=300)
-    assert missing.returncode == 1 and "no checkpoint" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr  # missing input: exit 2, one line
+    assert len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_random_init_baseline_is_the_runs_own_initial_vit(tmp_path):

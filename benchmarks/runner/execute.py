@@ -56,6 +56,14 @@ def _stage_meta(stage: Stage) -> dict | None:
         return None
 
 
+def _write_meta(stage: Stage) -> None:
+    """RUN/encoders/<enc>/<stage>/stage.json: the key the folder belongs to, and how the stage is run."""
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    (stage.folder / "stage.json").write_text(json.dumps(
+        {"key": stage.key, "encoder": stage.encoder, "label": stage.label, "seed": stage.seed, "stage": stage.name,
+         "deps": stage.deps, "command": stage.command}, indent=1))
+
+
 def _supersede(stage: Stage, old_key: str) -> Path:
     dest = stage.folder.parent / ".superseded" / f"{stage.name}-{old_key}-{time.strftime('%Y%m%d-%H%M%S')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -111,10 +119,7 @@ def run_stage(stage: Stage, position: str, started: float) -> dict:
     elif stage.folder.exists() and not stage.resumable:
         shutil.rmtree(stage.folder)  # an unfinished evaluation or export starts again
     resuming = stage.folder.exists()
-    stage.folder.mkdir(parents=True, exist_ok=True)
-    (stage.folder / "stage.json").write_text(json.dumps(
-        {"key": stage.key, "encoder": stage.encoder, "label": stage.label, "seed": stage.seed, "stage": stage.name,
-         "deps": stage.deps, "command": stage.command}, indent=1))
+    _write_meta(stage)
     print(f"{head}: {'resuming' if resuming else 'starting'} (elapsed {_fmt(time.time() - started)})",
           file=sys.stderr, flush=True)
     t0 = time.time()
@@ -147,11 +152,7 @@ def mark_skipped(stage: Stage, reason: str, position: str) -> dict:
         return {**status, "cached": True}
     if stage.folder.exists() and (meta is None or meta.get("key") != stage.key):
         _supersede(stage, (meta or {}).get("key", "unknown"))
-    stage.folder.mkdir(parents=True, exist_ok=True)
-    (stage.folder / "stage.json").write_text(json.dumps({"key": stage.key, "encoder": stage.encoder,
-                                                         "label": stage.label, "seed": stage.seed,
-                                                         "stage": stage.name, "deps": stage.deps,
-                                                         "command": stage.command}, indent=1))
+    _write_meta(stage)
     return write_status(stage.folder, "skipped", key=stage.key, error=reason)
 
 

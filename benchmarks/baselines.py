@@ -30,7 +30,7 @@ FAMILIES = ("ov2", "ov1", "clip")
 
 
 def train(preset: str, out: str, args: list[str]) -> dict:
-    """Train in a child process: wall seconds, the child's own peak RSS (os.wait4), last logged metrics."""
+    """Train in a child process: wall seconds, the child's own peak RSS (from its status.json), last metrics."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, "-m", "encoder", "train", "--preset", preset, "--out", out, *args]
     os.makedirs(out, exist_ok=True)
@@ -38,13 +38,14 @@ def train(preset: str, out: str, args: list[str]) -> dict:
     start = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=err, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status):
         raise RuntimeError(f"training {preset} failed, see {log}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    return {"train_seconds": round(seconds, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+    own = json.loads(open(os.path.join(out, "status.json")).read())["peak_rss_mb"]  # VmHWM: ru_maxrss counts ours too
+    return {"train_seconds": round(seconds, 1), "peak_rss_mib": round(own),
             "train_elapsed_s": round(records[-1]["elapsed_s"], 1), "final_loss": round(records[-1]["loss"], 3)}
 
 

@@ -6,7 +6,7 @@
 
 Shapes: hidden [N, D] (N tokens, D width), weight [V, D] (V vocab): the caption head (D=768, V=32,000,
 N = 4k..32k) and the bridge head (D=576, V=49,152, SmolLM2). Each (method, shape) runs in its own fresh
-process (`--one`), so peak memory is clean: peak resident set (ru_maxrss) on CPU, torch.cuda.max_memory_allocated
+process (`--one`), so peak memory is clean: peak resident set (VmHWM) on CPU, torch.cuda.max_memory_allocated
 on CUDA. Methods:
 
     eager        F.cross_entropy(h @ W.T, y)                          (holds N x V logits)
@@ -26,11 +26,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from encoder.core.runfolder import peak_rss_mb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -111,7 +112,7 @@ def run_one(method: str, n: int, d: int, v: int, dtype: str, repeats: int, devic
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss_mb() * 2**20
     return {"method": method, "n": n, "d": d, "v": v, "dtype": dtype, "device": device,
             "time_s": statistics.median(times),
             "times_s": times, "peak_bytes": peak, "base_bytes": base_rss if device == "cpu" else None,

@@ -13,15 +13,12 @@ under bf16 autocast; out of memory exits with code 3.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
 import torch
 
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from encoder.core.runfolder import peak_rss_mb
 
 
 def synthetic_batch(cfg, batch: int, image_size: int, device: torch.device) -> dict:
@@ -44,7 +41,7 @@ def measure(spec: dict) -> dict:
     from encoder.models import build_losses, build_model
     from encoder.train import TrainModule, make_optimizer
 
-    base = _rss_mib()
+    base = peak_rss_mb()
     device = torch.device("cuda" if torch.cuda.is_available() and not spec.get("cpu") else "cpu")
     cfg = apply_overrides(get_preset(spec["preset"]), spec.get("overrides", []))
     cfg.model.vit.image_size = spec["image_size"]
@@ -70,7 +67,7 @@ def measure(spec: dict) -> dict:
             torch.cuda.synchronize()
         if step >= spec.get("warmup", 1):
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mib()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
     return {"step_s": times, "peak_mib": round(peak, 1), "base_mib": round(base if device.type == "cpu" else 0.0, 1),
             "loss": float(loss.detach()), "device": device.type,
             "params_m": round(sum(p.numel() for p in module.parameters()) / 1e6, 2)}

@@ -124,13 +124,16 @@ def run_stage(stage: Stage, position: str, started: float) -> dict:
           file=sys.stderr, flush=True)
     t0 = time.time()
     write_status(stage.folder, "running", key=stage.key, started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None,
-                 pid=os.getpid(), host=os.uname().nodename)
+                 pid=os.getpid(), host=os.uname().nodename, peak_rss_mb=None)
     try:
         code, peak, tail = _spawn(stage, stage.folder / "stage.log")
     except KeyboardInterrupt:
         write_status(stage.folder, "interrupted", key=stage.key, error="interrupted", wall_s=round(time.time() - t0, 2))
         raise
     wall = round(time.time() - t0, 2)
+    # The stage's own VmHWM when it records one (pretrain, bridge, eval); else the child's ru_maxrss, which also
+    # counts this runner's resident set at the moment it started the child.
+    peak = (read_status(stage.folder) or {}).get("peak_rss_mb") or peak
     fields = dict(key=stage.key, wall_s=wall, peak_rss_mb=peak, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                   exit_code=code)
     if code == 0:

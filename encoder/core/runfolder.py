@@ -39,8 +39,14 @@ def config_key(*parts) -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set of this process (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+    """Peak resident set of this process in MiB: the kernel's high-water mark VmHWM, which starts afresh at exec.
+    (getrusage's ru_maxrss does not: a process started from a 4 GB parent reports at least 4 GB.)"""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):  # not Linux
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / 1024.0, 1)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

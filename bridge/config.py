@@ -73,6 +73,7 @@ class BridgeConfig:
     stage2_samples: int = 8000
     synth_kinds: str = "shapes,text,chart"  # built-in scene kinds (comma-separated)
     stage2_types: str = ""  # built-in question types to keep (comma-separated; empty = all)
+    stage2_turns: int = 1  # built-in stage 2: questions per image, one conversation (LLaVA-1.5's data is multi-turn)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(stage=1, steps=100))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(stage=2, steps=200))
     eval_samples: int = 200
@@ -103,6 +104,8 @@ def validate(cfg: BridgeConfig) -> BridgeConfig:
     for key in ("stage1_samples", "stage2_samples"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.stage2_turns < 1:
+        raise ConfigError(f"stage2_turns must be at least 1, got {cfg.stage2_turns}")
     if cfg.eval_samples < 0:
         raise ConfigError(f"eval_samples must be 0 or more, got {cfg.eval_samples}")
     if not cfg.encoder:

@@ -256,13 +256,21 @@ def scene_questions(scene, rng: np.random.Generator) -> list[tuple[str, str, str
     return chart_questions(scene.meta["labels"], scene.meta["values"], rng)
 
 
+def _one_of(questions: list[tuple[str, str, str]], kind: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    same = [q for q in questions if q[0] == kind]
+    return same[int(rng.integers(len(same)))]
+
+
 class SynthInstructions(Dataset):
-    """Stage 2: one question per scene, types drawn uniformly among those the scene supports (or `types` only)."""
+    """Stage 2: up to `turns` questions about one scene as one conversation (the image in the first turn, as in
+    LLaVA-1.5's multi-turn instruction data), each of another type where the scene allows; types drawn uniformly
+    among those the scene supports (or `types` only)."""
 
     def __init__(self, n: int, seed: int = TRAIN_SEED + 1, image_size: int = 64, kinds=("shapes", "text", "chart"),
-                 types: tuple[str, ...] | None = None):
+                 types: tuple[str, ...] | None = None, turns: int = 1):
         self.n, self.seed, self.image_size, self.kinds = n, seed, image_size, tuple(kinds)
         self.types = tuple(types) if types else None
+        self.turns = turns
 
     def __len__(self) -> int:
         return self.n
@@ -274,11 +282,17 @@ class SynthInstructions(Dataset):
             qs = [q for q in scene_questions(scene, rng) if self.types is None or q[0] in self.types]
             if qs:
                 kinds = sorted({q[0] for q in qs})
-                kind = kinds[int(rng.integers(len(kinds)))]
-                qs = [q for q in qs if q[0] == kind]
-                qtype, question, answer = qs[int(rng.integers(len(qs)))]
+                first = kinds[int(rng.integers(len(kinds)))]
+                picked = [_one_of(qs, first, rng)]
+                if self.turns > 1:
+                    others = [k for k in kinds if k != first]
+                    picked += [_one_of(qs, k, rng) for k in rng.permutation(others)[: self.turns - 1]] if others else []
+                qtype, question, answer = picked[0]
+                conversations = _turns(question, answer)
+                for _, q, a in picked[1:]:
+                    conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
                 return {"id": f"inst-{self.seed}-{i}", "image": scene.image, "type": qtype, "question": question,
-                        "answer": answer, "conversations": _turns(question, answer)}
+                        "answer": answer, "conversations": conversations}
         raise RuntimeError(f"no question of types {self.types} in 100 scenes of kinds {self.kinds}")
 
     def __getitem__(self, i: int) -> dict:

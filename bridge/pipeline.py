@@ -92,7 +92,7 @@ def datasets(cfg: BridgeConfig, image_size: int):
     types = tuple(t for t in cfg.stage2_types.split(",") if t) or None
     return (pick(cfg.stage1_data, SynthCaptions(cfg.stage1_samples, image_size=image_size, kinds=kinds)),
             pick(cfg.stage2_data, SynthInstructions(cfg.stage2_samples, image_size=image_size, kinds=kinds,
-                                                    types=types)))
+                                                    types=types, turns=cfg.stage2_turns)))
 
 
 def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:

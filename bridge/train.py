@@ -186,8 +186,15 @@ def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: i
 
     def loss(inputs: dict) -> dict:
         out = loss_fn(model, inputs)
-        tokens["n"] += int(out["tokens"])
-        return {"loss": out["lm_loss"]}
+        if world == 1:
+            tokens["n"] += int(out["tokens"])
+            return {"loss": out["lm_loss"]}
+        # Mean over the global batch's answer tokens, not a mean of the ranks' means: each rank's share is weighted
+        # by its tokens, so the averaged gradients equal one process's on the whole batch.
+        counts = torch.stack([out["tokens"].float(), out["lm_loss"].detach().float() * out["tokens"]])
+        torch.distributed.all_reduce(counts)
+        tokens["n"] += int(counts[0])
+        return {"loss": out["lm_loss"] * out["tokens"] * world / counts[0], "global": counts[1] / counts[0]}
 
     def set_lr(step: int) -> float:
         factor = lr_factor(step, cfg.steps, cfg.warmup_ratio)
@@ -203,14 +210,14 @@ def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: i
             p.grad /= world
 
     with (out_dir / "metrics.jsonl").open("a") if dist.is_main() else contextlib.nullcontext() as log_file:
-        def log(step: int, lr: float, terms: dict) -> None:  # rank 0's loss and token count
-            last.update(stage=cfg.stage, step=step, loss=terms["loss"], lr=lr, tokens=tokens["n"],
+        def log(step: int, lr: float, terms: dict) -> None:  # the global batch's loss and answer tokens
+            last.update(stage=cfg.stage, step=step, loss=terms.get("global", terms["loss"]), lr=lr, tokens=tokens["n"],
                         seconds=round(time.time() - t0, 3), peak_rss_mb=runfolder.peak_rss_mb())
             tokens["n"] = 0
             if log_file is not None:
                 log_file.write(json.dumps(last) + "\n")
                 log_file.flush()
-            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
 
         def save() -> None:
             _save_ckpt(model, opt, state["step"], cfg, out_dir)

@@ -74,6 +74,25 @@ def test_synthetic_sets_are_deterministic_and_disjoint():
     assert all(only[i]["type"] == "colour" and only[i]["answer"] in COLOURS for i in range(20))
 
 
+def test_multi_turn_instructions(tokenizer, ckpt):
+    """turns=4: the single-turn question first, then questions of other types about the same image (which appears
+    once, in the first turn); every answer, and only the answers, are targets."""
+    from bridge.data import SynthInstructions
+
+    one, four = SynthInstructions(30, image_size=32), SynthInstructions(30, image_size=32, turns=4)
+    _, collate, _ = build(ckpt, tokenizer)
+    for i in range(30):
+        a, b = one[i], four[i]
+        assert b["conversations"][:2] == a["conversations"]
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        humans, answers = b["conversations"][::2], [t["value"] for t in b["conversations"][1::2]]
+        assert [h["value"].count("<image>") for h in humans] == [1] + [0] * (len(humans) - 1)
+        assert len(set(h["value"] for h in humans)) == len(humans) <= 4
+        labels = collate([b])["labels"][0]
+        assert tokenizer.decode(labels[labels != -100].tolist()) == "".join(f"{x}<|im_end|>" for x in answers)
+    assert max(len(four[i]["conversations"]) for i in range(30)) == 8  # shape scenes hold four types and more
+
+
 def test_llava_json_reader(tmp_path, tokenizer, ckpt):
     from bridge.data import LlavaJsonDataset
 

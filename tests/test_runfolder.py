@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from encoder.core import checkpoint as core
 from encoder.core.runfolder import RunLock, read_run
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, assert_close_scaled, run_cli
 
 MICRO = ["--preset", "ov2-micro", "--data.workers=0"]
 
@@ -206,7 +206,9 @@ def test_second_writer_is_refused_naming_the_holder(pretrain_run, tmp_path):
     assert not (run / "checkpoints").exists() and not (run / "status.json").exists()
 
 
-def test_bridge_stage_under_torchrun_trains_one_model_and_writes_once(our_ckpt, tmp_path):
+def test_bridge_stage_under_torchrun_trains_one_model_and_writes_once(our_ckpt, bridge_run, tmp_path):
+    """2 ranks x 1 sample = 1 process x 2 samples: the loss is the mean over the global batch's answer tokens, so
+    the weights after 8 steps and every logged loss match the one-process run."""
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.path.join(ROOT, 'tests')}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
@@ -221,6 +223,13 @@ def test_bridge_stage_under_torchrun_trains_one_model_and_writes_once(our_ckpt, 
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in core.list_checkpoints(out)[-1].iterdir()}
     final = load_file(str(out / "final.safetensors"))
     assert all(torch.equal(final[k], a[k]) for k in a)
+    one = load_file(str(bridge_run.parent / f"{bridge_run.name}.final.safetensors"))
+    assert one.keys() == a.keys()
+    for k in one:
+        assert_close_scaled(a[k], one[k], rel=1e-4, msg=k)
+    ref = [r["loss"] for r in read_run(bridge_run)["metrics"]]
+    assert_close_scaled(torch.tensor([r["loss"] for r in info["metrics"]]), torch.tensor(ref), rel=1e-4,
+                        msg="logged losses")
 
 
 if __name__ == "__main__":  # one bridge stage, as a script (torchrun runs it on every rank)

@@ -5,8 +5,9 @@ peak memory, Fashion-MNIST linear probe and zero-shot accuracy, in one Markdown 
     python -m benchmarks.baselines --steps 50 --out /tmp/bl           # quicker smoke
     python -m benchmarks.baselines --full-tiny --steps 400            # the tiny presets' own tower sizes
 
-Each training runs in its own process (`python -m encoder train`), so the peak resident memory (ru_maxrss of
-that child, from os.wait4) is the training's alone; on CUDA one would report torch.cuda.max_memory_allocated.
+Each training runs in its own process (`python -m encoder train`); its peak resident memory is the one that process
+records in its status.json (the kernel's high-water mark, VmHWM), the training's alone; on CUDA one would report
+torch.cuda.max_memory_allocated.
 The evaluation is `encoder.evaluate.evaluate` (2000 train / 1000 test images, plus the probe of the same ViT at
 its initial weights). tests/test_baselines.py trains with exactly this recipe and asserts on the same numbers.
 Writes RUN_DIR/<family>/ (runs), RUN_DIR/results.json and the table (default

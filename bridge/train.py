@@ -35,16 +35,13 @@ from encoder import distributed as dist
 from encoder.core import checkpoint as core
 from encoder.core import runfolder
 from encoder.core.config import ConfigError
-from encoder.core.loop import LoopConfig, device_of, run_steps
+from encoder.core.loop import LoopConfig, device_of, run_steps, warmup_cosine
 from encoder.core.resume import check_out, check_resume
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
-    warmup = max(1, math.ceil(total * warmup_ratio)) if warmup_ratio > 0 else 0
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    """LLaVA's schedule: warm-up over a fraction of the steps, then the one cosine of every stage."""
+    return warmup_cosine(step, total, max(1, math.ceil(total * warmup_ratio)) if warmup_ratio > 0 else 0)
 
 
 class SampleOrder:

@@ -19,7 +19,6 @@ interrupted, and config.yaml, metrics.jsonl and checkpoints/ are written.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from encoder import distributed as dist
 from encoder.config import ConfigError, StageConfig, TrainConfig, micro_batch, to_dict, validate
 from encoder.core import runfolder
 from encoder.core.checkpoint import newest as newest_checkpoint
-from encoder.core.loop import LoopConfig, NonFiniteLoss, run_steps
+from encoder.core.loop import LoopConfig, NonFiniteLoss, run_steps, warmup_cosine
 from encoder.core.resume import check_out, check_resume
 from encoder.data.loader import DataError, make_loader
 from encoder.data.sources import open_source
@@ -63,10 +62,7 @@ class TrainModule(nn.Module):
 
 
 def lr_at(step_in_stage: int, stage: StageConfig) -> float:
-    if step_in_stage < stage.warmup_steps:
-        return stage.lr * (step_in_stage + 1) / stage.warmup_steps
-    progress = (step_in_stage - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-    return stage.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return stage.lr * warmup_cosine(step_in_stage, stage.steps, stage.warmup_steps)
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:

@@ -41,6 +41,14 @@ def _any_rank(flag: bool) -> bool:
     return all_reduce_max(1.0 if flag else 0.0) > 0
 
 
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor of every training stage: linear warm-up over `warmup` steps, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 

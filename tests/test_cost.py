@@ -125,6 +125,7 @@ HEADROOM = {"preset": "ov2-tiny", "image_size": 128, "cpu": True, "threads": 1, 
     "--model.decoder.mlp_dim=128", "--model.decoder.max_len=16", "--model.decoder.vocab_size=512"]}
 
 
+@pytest.mark.slow  # about ten training probes, each a fresh process
 def test_headroom_search_is_repeatable():
     """Each probe is a fresh process; the cap lies halfway between the peaks at batch 4 and 16, so the answer lies in
     between (which batch exactly depends on the allocator's steps on this CPU), and the same on both searches."""

@@ -84,6 +84,7 @@ def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+@pytest.mark.slow  # a 2-process torchrun
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     out = str(tmp_path / "dist.pt")
     result = torchrun(os.path.abspath(__file__), out)

@@ -206,6 +206,7 @@ def test_second_writer_is_refused_naming_the_holder(pretrain_run, tmp_path):
     assert not (run / "checkpoints").exists() and not (run / "status.json").exists()
 
 
+@pytest.mark.slow  # a 2-process torchrun
 def test_bridge_stage_under_torchrun_trains_one_model_and_writes_once(our_ckpt, bridge_run, tmp_path):
     """2 ranks x 1 sample = 1 process x 2 samples: the loss is the mean over the global batch's answer tokens, so
     the weights after 8 steps and every logged loss match the one-process run."""

@@ -69,6 +69,7 @@ def _final_weights(run: str) -> dict:
     return load_file(os.path.join(latest_checkpoint(run), "model.safetensors"))
 
 
+@pytest.mark.slow  # two trainings in fresh processes, one killed
 def test_exact_resume_after_sigkill(cli, tmp_path):
     full, broken = str(tmp_path / "full"), str(tmp_path / "broken")
     result = cli("train", "--out", full, *RESUME)

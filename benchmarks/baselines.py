@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", default=os.path.join(ROOT, "benchmarks", "results", "baselines_cpu.md"),
                         help="Markdown table to write (default benchmarks/results/baselines_cpu.md)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma list (default ov2,ov1,clip)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --table")
     args = parser.parse_args(argv)
     from encoder.checkpoint import latest_checkpoint, load_model
     from encoder.evaluate import evaluate
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     for family in families:
         if latest_checkpoint(os.path.join(args.out, family)):
             parser.error(f"{os.path.join(args.out, family)} already holds a run: remove it or pass another --out")
+    if os.path.exists(args.table) and not args.force:
+        parser.error(f"{args.table} exists: pass --force to overwrite it")
 
     size = "tiny" if args.full_tiny else "micro"
     overrides = equal_budget_recipe(args.steps, args.batch, args.size) + [f"--seed={args.seed}"]

@@ -199,3 +199,7 @@ def test_equal_budget_benchmark_writes_its_table(cli, tmp_path):
     again = cli(*args)  # a second run into the same folder refuses instead of mixing runs
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert json.loads((out / "results.json").read_text()) == rows
+    other = cli("bench", "baselines", "--steps", "3", "--families", "clip", "--out", str(tmp_path / "other"), "--table",
+                str(table))  # a new run may not overwrite an existing table without --force
+    assert other.returncode == 2 and "--force" in other.stderr and table.read_text() == text
+    assert not (tmp_path / "other").exists()

@@ -303,12 +303,19 @@ def test_full_disk_says_no_space_left(run, tmp_path, monkeypatch, capsys):
     assert "no space left" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
+def _default_sigint() -> None:
+    """A suite started in the background (`make test &`) hands its children SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler: give the child the terminal's default, as a user's Ctrl-C finds it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "ov2", "train", "--out", str(out), *MICRO,
                              "--stages.0.steps=2000", "--ckpt_every=2"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and not core.list_checkpoints(out):
         time.sleep(0.05)

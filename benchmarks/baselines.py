@@ -25,6 +25,7 @@ import sys
 import time
 
 from encoder.config import equal_budget_recipe
+from encoder.core.runfolder import read_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("ov2", "ov1", "clip")
@@ -45,7 +46,7 @@ def train(preset: str, out: str, args: list[str]) -> dict:
         raise RuntimeError(f"training {preset} failed, see {log}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    own = json.loads(open(os.path.join(out, "status.json")).read())["peak_rss_mb"]  # VmHWM: ru_maxrss counts ours too
+    own = read_status(out)["peak_rss_mb"]  # the training's VmHWM (a child's ru_maxrss also counts ours)
     return {"train_seconds": round(seconds, 1), "peak_rss_mib": round(own),
             "train_elapsed_s": round(records[-1]["elapsed_s"], 1), "final_loss": round(records[-1]["loss"], 3)}
 

@@ -286,7 +286,7 @@ class SynthInstructions(Dataset):
                 picked = [_one_of(qs, first, rng)]
                 if self.turns > 1:
                     others = [k for k in kinds if k != first]
-                    picked += [_one_of(qs, k, rng) for k in rng.permutation(others)[: self.turns - 1]] if others else []
+                    picked += [_one_of(qs, k, rng) for k in rng.permutation(others)[: self.turns - 1]]
                 qtype, question, answer = picked[0]
                 conversations = _turns(question, answer)
                 for _, q, a in picked[1:]:

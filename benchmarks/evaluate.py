@@ -3,6 +3,10 @@
     ov2 eval runs/llava/model --tasks ov2_gqa,ov2_pope --out runs/eval                # built-in suite
     ov2 eval runs/llava/model --tasks ov2_gqa --limit 20 --out /tmp/smoke             # CPU smoke (20 questions)
     ov2 eval llava-1.5-7b-hf/ --tasks pope,gqa --out runs/eval7b                      # lmms-eval tasks, data cached
+    torchrun --nproc_per_node 8 -m benchmarks.evaluate MODEL --tasks ov2_gqa --out runs/eval   # one process per GPU
+
+Under torchrun each process holds the model (cuda:LOCAL_RANK, or the CPU) and lmms-eval's torchrun backend shares
+every task's questions among them and gathers the answers on rank 0, which alone writes OUT.
 
 Built-in tasks (benchmarks/suite; their YAMLs in benchmarks/tasks) read their data from DATA/<task> and build it
 there when it is missing (DATA defaults to OUT/data). Any other name is an lmms-eval task; its data must be in the
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -63,11 +68,14 @@ def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int,
 
 
 def load_model(model_dir: str | Path, batch_size: int = 1):
-    """lmms-eval's `llava_hf` (the class its registry resolves the name to) on the folder, on CUDA if present."""
+    """lmms-eval's `llava_hf` (the class its registry resolves the name to) on the folder, on CUDA if present
+    (under torchrun: this process's GPU)."""
+    import os
+
     import torch
     from lmms_eval.models import get_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     args = f"pretrained={Path(model_dir).resolve()},device={device},device_map={device}"
     return get_model("llava_hf").create_from_arg_string(args, {"batch_size": batch_size})
 
@@ -158,11 +166,14 @@ def _scores_entry(name: str, result: dict, samples: list[dict]) -> tuple[dict, l
     return {"primary": primary, "metrics": out, "chance": chance}, lines
 
 
-def run_task(lm, name: str, data_dir: Path, out: Path, limit: int | None, task_manager) -> dict:
-    """Evaluate one task -> its scores.json entry; raises with one line on failure."""
+def run_task(lm, name: str, data_dir: Path, out: Path, limit: int | None, task_manager) -> dict | None:
+    """Evaluate one task -> its scores.json entry (None on a torchrun rank other than 0); raises with one line on
+    failure."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers import EvaluationTracker
     from loguru import logger
+
+    from encoder import distributed as dist
 
     errors: list[str] = []
     sink = logger.add(lambda m: errors.append(m.record["message"].strip().splitlines()[0]), level="ERROR")
@@ -178,7 +189,8 @@ def run_task(lm, name: str, data_dir: Path, out: Path, limit: int | None, task_m
         try:
             results = simple_evaluate(model=lm, model_args="", tasks=[task], limit=limit, bootstrap_iters=1000,
                                       log_samples=True, evaluation_tracker=tracker, task_manager=task_manager,
-                                      verbosity="WARNING", datetime_str=name)
+                                      verbosity="WARNING", datetime_str=name,
+                                      distributed_executor_backend="torchrun")
         except Exception as err:
             if name in TASKS:
                 raise
@@ -188,6 +200,8 @@ def run_task(lm, name: str, data_dir: Path, out: Path, limit: int | None, task_m
     finally:
         logger.remove(sink)
         lm._model = model
+    if not dist.is_main():
+        return None  # rank 0 gathered this rank's answers
     if results is None or name not in results.get("results", {}):
         raise RuntimeError(f"lmms-eval returned no results for {name}")
     samples = results.pop("samples", {}).get(name, [])
@@ -209,7 +223,11 @@ def run_task(lm, name: str, data_dir: Path, out: Path, limit: int | None, task_m
 def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_dir=None, batch_size: int = 1,
              force: bool = False, progress: bool = True) -> dict:
     """Evaluate a LLaVA folder on `tasks` -> the scores dict (also OUT/scores.json). Raises BadInput for bad
-    arguments; a failing task is recorded in the scores (status "failed") and the others still run."""
+    arguments; a failing task is recorded in the scores (status "failed") and the others still run.
+    Under torchrun every rank answers its share of each task; rank 0 builds missing data and owns OUT."""
+    import contextlib
+
+    from encoder import distributed as dist
     from encoder.core.runfolder import RunLock, track
 
     model_dir, out = Path(model_dir), Path(out)
@@ -224,41 +242,69 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
     if unknown:
         raise BadInput(f"unknown task(s) {', '.join(unknown)}: built-in are {', '.join(TASKS)}; others must be "
                        "lmms-eval task names (python -m lmms_eval tasks list)")
+    dist.setup()
+    dist.barrier()  # every rank has checked OUT before rank 0 clears it
+    main = dist.is_main()
     scores = {"model": str(model_dir), "data_dir": str(data_dir), "tasks": {}}
-    with RunLock(out):
-        for name in OUTPUTS:
-            path = out / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        try:
-            with track(out, tasks=tasks, model=str(model_dir), limit=limit):
-                lm = load_model(model_dir, batch_size)
-                for name in tasks:
-                    scores["tasks"][name] = _one(lm, name, data_dir, out, limit, task_manager, progress)
-                    (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
-                failed = [f"{t}: {e['error']}" for t, e in scores["tasks"].items() if e["status"] != "ok"]
-                if failed:
-                    raise TasksFailed("; ".join(failed))
-        except TasksFailed:
-            pass
+    with contextlib.ExitStack() as owner:
+        if main:
+            owner.enter_context(RunLock(out))
+            for name in OUTPUTS:
+                path = out / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            owner.enter_context(contextlib.suppress(TasksFailed))
+            owner.enter_context(track(out, tasks=tasks, model=str(model_dir), limit=limit))
+        missing = _build_data(tasks, data_dir) if main else {}
+        dist.barrier()  # the data is on disk for every rank
+        lm = load_model(model_dir, batch_size)
+        for name in tasks:
+            entry = _one(lm, name, data_dir, out, limit, task_manager, progress, missing.get(name))
+            if main:
+                scores["tasks"][name] = entry
+                (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+        failed = [f"{t}: {e['error']}" for t, e in scores["tasks"].items() if e["status"] != "ok"]
+        if failed:
+            raise TasksFailed("; ".join(failed))
+    dist.barrier()
+    dist.teardown()
     return scores
 
 
-def _one(lm, name: str, data_dir: Path, out: Path, limit, task_manager, progress: bool) -> dict:
+def _build_data(tasks: list[str], data_dir: Path) -> dict[str, str]:
+    """Build the built-in tasks' missing data -> {task: why it could not be built}."""
     from benchmarks.suite.build import build_task, has_data
+
+    errors = {}
+    for name in tasks:
+        if name in TASKS and not has_data(data_dir / name):
+            try:
+                build_task(name, data_dir / name)
+            except (FileNotFoundError, OSError) as err:
+                errors[name] = f"data missing: {data_dir / name} could not be built: {err}"
+    return errors
+
+
+def _one(lm, name: str, data_dir: Path, out: Path, limit, task_manager, progress: bool,
+         missing: str | None = None) -> dict | None:
+    """One task's scores.json entry (None on a torchrun rank other than 0)."""
+    from benchmarks.suite.build import has_data
+    from encoder import distributed as dist
 
     start = time.time()
     spec = TASKS.get(name)
     try:
-        if spec is not None and not has_data(data_dir / name):
-            try:
-                build_task(name, data_dir / name)
-            except (FileNotFoundError, OSError) as err:
-                raise RuntimeError(f"data missing: {data_dir / name} could not be built: {err}") from err
-        entry = {"status": "ok", "error": None, **run_task(lm, name, data_dir, out, limit, task_manager)}
+        if spec is not None and not has_data(data_dir / name):  # the same answer on every rank
+            raise RuntimeError(missing or f"data missing: {data_dir / name} could not be built")
+        result = run_task(lm, name, data_dir, out, limit, task_manager)
+        if result is None:
+            return None
+        entry = {"status": "ok", "error": None, **result}
     except Exception as err:
         line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         entry = {"status": "failed", "error": line, "primary": spec.primary if spec else None, "metrics": {},
                  "n": 0, "chance": spec.chance if spec else None}
+    if not dist.is_main():
+        return None
     entry["wall_s"] = round(time.time() - start, 2)
     if progress:
         if entry["status"] == "ok":
@@ -298,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ov2 eval: failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
         return 1
     failed = [t for t, e in scores["tasks"].items() if e["status"] != "ok"]
-    print(json.dumps({t: e["metrics"].get(e["primary"], {}).get("value") for t, e in scores["tasks"].items()}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 holds the scores
+        print(json.dumps({t: e["metrics"].get(e["primary"], {}).get("value") for t, e in scores["tasks"].items()}))
     return 1 if failed else 0
 
 

@@ -3,6 +3,7 @@ run twice, changed, killed and resumed, broken, and under torchrun."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -145,12 +146,17 @@ def test_kill_during_bridge_then_rerun_gives_the_same_results(first_run, tmp_pat
 
 def test_two_process_training_under_the_scale_out_option(tiny_llm, tmp_path):
     tree = experiment(tiny_llm, a={"preset": "ov2-micro"})
-    tree.update(nproc=2, encoder_eval={"enabled": False}, eval={"tasks": ["ov2_pope"], "limit": 2})
+    tree.update(nproc=2, encoder_eval={"enabled": False}, eval={"tasks": ["ov2_pope"], "limit": 5})
     res = run_cli("run", write(tmp_path, tree), "--out", str(tmp_path / "run"), timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    log = (tmp_path / "run" / "encoders" / "a" / "pretrain" / "stage.log").read_text()
-    assert "torch.distributed.run" in log and "--nproc_per_node=2" in log
-    assert pd.read_csv(tmp_path / "run" / "results.csv")["task"].eq("ov2_pope").any()
+    for stage in ("pretrain", "bridge", "eval"):  # training and lmms-eval, each as 2 processes
+        log = (tmp_path / "run" / "encoders" / "a" / stage / "stage.log").read_text()
+        assert "torch.distributed.run" in log and "--nproc_per_node=2" in log, (stage, log[:500])
+    # lmms-eval shared the 5 questions out (3 + 2 with its padding) and rank 0 gathered every answer once
+    samples = (tmp_path / "run" / "encoders" / "a" / "eval" / "samples" / "ov2_pope.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["doc_id"] for line in samples) == [0, 1, 2, 3, 4]
+    results = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert results.query("task == 'ov2_pope' and metric == 'accuracy'")["n"].tolist() == [5]
 
 
 @pytest.mark.parametrize("tree, message", [

@@ -3,7 +3,7 @@
     name: default
     paper: llava15_openvision2          # benchmarks/reference/<name>.csv, shown beside ours in the report
     seeds: [0]
-    nproc: 1                            # > 1: training stages run under torchrun --nproc_per_node N
+    nproc: 1                            # > 1: training and evaluation run under torchrun --nproc_per_node N
     pretrain: {data.workers: 1}         # overrides applied to every encoder trained from a preset
     encoders:
       ov2:  {preset: ov2-tiny, overrides: {stages.0.steps: 200}}

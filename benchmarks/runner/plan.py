@@ -54,13 +54,18 @@ def _source_key(path: str) -> str:
     return config_key("source", str(p), stamp)
 
 
-def pretrain_command(exp: Experiment, overrides: dict, preset: str, out: Path, resume: bool) -> list[str]:
+def launch(exp: Experiment, command: str, module: str) -> list[str]:
+    """How a stage starts: `ov2 COMMAND`, or with `nproc` > 1 torchrun over `python -m MODULE` (training: DDP/FSDP2
+    or the bridge's averaged gradients; evaluation: lmms-eval's torchrun backend shares out the questions)."""
     if exp.nproc > 1:
-        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={exp.nproc}",
-                "-m", "encoder", "train"]
-    else:
-        head = [*OV2, "train"]
-    return [*head, "--preset", preset, "--out", str(out), *_args(overrides), *(["--resume"] if resume else [])]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={exp.nproc}",
+                "-m", *module.split()]
+    return [*OV2, *command.split()]
+
+
+def pretrain_command(exp: Experiment, overrides: dict, preset: str, out: Path, resume: bool) -> list[str]:
+    return [*launch(exp, "train", "encoder train"), "--preset", preset, "--out", str(out), *_args(overrides),
+            *(["--resume"] if resume else [])]
 
 
 def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path) -> list[Stage]:
@@ -90,12 +95,14 @@ def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path)
         path = enc.transformers or enc.openvision
         tower, tower_key = os.path.abspath(path), _source_key(path)
     bridge_overrides = {**exp.bridge.overrides, "seed": seed}
-    bridge = add("bridge", config_key("bridge", exp.bridge.llm, bridge_overrides, tower_key),
-                 [*OV2, "bridge", "train", "--encoder", tower, "--llm", exp.bridge.llm, "--out", str(root / "bridge"),
+    bridge = add("bridge", config_key("bridge", exp.bridge.llm, bridge_overrides, tower_key, exp.nproc),
+                 [*launch(exp, "bridge train", "bridge train"), "--encoder", tower, "--llm", exp.bridge.llm,
+                  "--out", str(root / "bridge"),
                   *_args(bridge_overrides)], tower_deps, resumable=True)
     ev = exp.eval
     add("eval", config_key("eval", ev.tasks, ev.limit, bridge.key),
-        [*OV2, "eval", str(bridge.folder / "model"), "--tasks", ",".join(ev.tasks), "--out", str(root / "eval"),
+        [*launch(exp, "eval", "benchmarks.evaluate"), str(bridge.folder / "model"), "--tasks", ",".join(ev.tasks),
+         "--out", str(root / "eval"),
          "--data", str(run_dir / "data"),
          *(["--limit", str(ev.limit)] if ev.limit else [])], [bridge])
     ee = exp.encoder_eval

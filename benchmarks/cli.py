@@ -10,6 +10,7 @@ BENCHMARKS = {
     "baselines": ("benchmarks.baselines", "ov2 vs ov1 vs clip (micro, equal budget): time, memory, FMNIST accuracy"),
     "flops": ("benchmarks.cost.flops", "forward GFLOPs per image of OV2 / OV1 / CLIP at paper presets vs the paper"),
     "train": ("benchmarks.cost.train", "training cost OV2 vs OV1 vs CLIP: step time, peak memory, batch headroom"),
+    "bridge": ("benchmarks.bridge_step", "LLaVA stage 1 / stage 2 step time, float32 vs bf16 autocast"),
 }
 
 

@@ -145,3 +145,23 @@ def test_bench_train_refuses_to_overwrite(tmp_path, capsys):
     assert (tmp_path / "cost_train_cpu.md").read_text() == "mine"
     assert cost_train.main(["--cpu", "--preset", "x99", "--out", str(tmp_path / "new")]) == 2
     assert not os.path.exists(tmp_path / "new")
+
+
+def test_bench_bridge_times_both_stages_in_both_precisions(tmp_path, capsys):
+    from benchmarks import bridge_step
+    from tests.bridge_helpers import write_tiny_llama_folder
+
+    llm = write_tiny_llama_folder(tmp_path / "llm")
+    out = tmp_path / "bb"
+    args = ["--encoder", "preset:ov2-micro", "--llm", str(llm), "--batch", "2", "--steps", "1", "--repeats", "2",
+            "--out", str(out)]
+    assert bridge_step.main(args) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {(r["stage"], r["precision"]) for r in rows} == {(1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16")}
+    assert all(r["n"] == 2 and r["median_s"] > 0 for r in rows)
+    assert [r["ratio_to_fp32"] for r in rows if r["precision"] == "fp32"] == [1.0, 1.0]
+    assert "| 2 | bf16 |" in out.with_suffix(".md").read_text()
+    capsys.readouterr()
+    assert bridge_step.main(args) == 2  # never overwritten without --force
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--force" in err[0]

@@ -1,0 +1,128 @@
+"""LLaVA training step cost: stage 1 and stage 2, float32 vs bf16 autocast, on the machine at hand.
+
+    ov2 bench bridge                                         # the default experiment's bridge: SmolLM2 + ov2-tiny
+    ov2 bench bridge --encoder runs/default/encoders/openvision2/export/encoder --repeats 7
+    ov2 bench bridge --llm LLAMA_FOLDER --steps 1 --repeats 1 --out /tmp/bb     # any local transformers LLM
+
+One process builds the model once and times full optimizer steps (forward, answer loss, backward, AdamW) on one
+fixed built-in batch, the variants interleaved round by round so that a busy machine slows them alike; the table
+gives the median step time of each and its ratio to float32. bf16 pays off where the CPU multiplies bf16 natively
+(avx512_bf16 / AMX) or on a GPU; the table names the CPU's flags so a reader can tell.
+Writes NAME.md and NAME.json (default benchmarks/results/bridge_step_cpu) and never overwrites them without --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags.split()]
+    return " ".join(have) or "no avx512"
+
+
+def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progress: bool = True) -> list[dict]:
+    import torch
+
+    from bridge.assemble import trainable_groups
+    from bridge.config import BridgeConfig
+    from bridge.data import Collator
+    from bridge.loss import AnswerLoss
+    from bridge.pipeline import build, datasets
+
+    cfg = BridgeConfig(encoder=encoder, llm=llm, out="unused")
+    model, processor, tower = build(cfg)
+    data1, data2 = datasets(cfg, tower.image_size)
+    collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
+    batches = {1: collate([data1[i] for i in range(batch)]), 2: collate([data2[i] for i in range(batch)])}
+    loss_fn = AnswerLoss()
+    model.train()
+    times: dict[tuple[int, bool], list[float]] = {(s, b): [] for s in (1, 2) for b in (False, True)}
+    for r in range(repeats + 1):  # round 0 warms up every variant
+        for stage, bf16 in times:
+            groups = trainable_groups(model, stage=stage)
+            opt = torch.optim.AdamW([p for ps in groups.values() for p in ps], lr=1e-6)
+            for _ in range(steps):
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = loss_fn(model, batches[stage])
+                out["lm_loss"].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if r:
+                    times[(stage, bf16)].append(time.perf_counter() - start)
+            if progress:
+                print(f"round {r}/{repeats}: stage {stage} {'bf16' if bf16 else 'fp32'} done", file=sys.stderr)
+    rows = []
+    for (stage, bf16), ts in times.items():
+        rows.append({"stage": stage, "precision": "bf16" if bf16 else "fp32", "median_s": statistics.median(ts),
+                     "min_s": min(ts), "n": len(ts), "tokens": int(batches[stage]["attention_mask"].sum())})
+    for row in rows:
+        fp32 = next(x for x in rows if x["stage"] == row["stage"] and x["precision"] == "fp32")
+        row["ratio_to_fp32"] = row["median_s"] / fp32["median_s"]
+    return rows
+
+
+def table(rows: list[dict], meta: dict) -> str:
+    lines = [f"# LLaVA step time: {meta['llm']} + {meta['encoder']}, batch {meta['batch']}",
+             "", f"`{meta['command']}` on {meta['machine']} (CPU flags: {meta['flags']}, {meta['threads']} threads).",
+             "", "| stage | precision | median s/step | min s/step | steps | tokens/batch | ratio to fp32 |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['precision']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['n']} | {r['tokens']} "
+              f"| {r['ratio_to_fp32']:.2f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ov2 bench bridge", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--encoder", default="preset:ov2-tiny", help="any bridge encoder (default preset:ov2-tiny)")
+    parser.add_argument("--llm", default="smollm2", help="the LLM (default smollm2)")
+    parser.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the default experiment's)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (after one warm-up round)")
+    parser.add_argument("--out", default=str(RESULTS / "bridge_step_cpu"), help="NAME: writes NAME.md, NAME.json")
+    parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if min(args.batch, args.steps, args.repeats) < 1:
+        print("ov2 bench bridge: --batch, --steps and --repeats must be at least 1", file=sys.stderr)
+        return 2
+    if not args.force and (out.with_suffix(".md").exists() or out.with_suffix(".json").exists()):
+        print(f"ov2 bench bridge: {out}.md already exists: pass --force to replace it", file=sys.stderr)
+        return 2
+    import torch
+
+    from encoder.core.config import ConfigError
+
+    try:
+        rows = measure(args.encoder, args.llm, args.batch, args.steps, args.repeats)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"ov2 bench bridge: {err}", file=sys.stderr)
+        return 2
+    meta = {"encoder": args.encoder, "llm": args.llm, "batch": args.batch, "flags": cpu_flags(),
+            "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "command": "ov2 bench bridge " + " ".join(argv or sys.argv[1:])}
+    text = table(rows, meta)
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,7 @@ Every field is set the one way configs are set in this project (`encoder.core.co
 path (`--stage1.steps=50`) or unique leaf (`--eval_samples=8`), or a YAML file of the same keys; a bad key or value
 is a ConfigError naming it (one line, exit 2).
 
-    stage 1: projector only, LR 1e-3          stage 2: projector + LLM, LR 2e-5
+    stage 1: projector only, LR 1e-3          stage 2: projector + LLM, LR 2e-5 (projector_lr: the projector's own)
     unfreeze_vision: the tower trains too, at its own LR (Open-LLaVA-NeXT style, 2e-6)
 """
 
@@ -24,6 +24,7 @@ class StageConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None  # None: 1e-3 for stage 1, 2e-5 for stage 2
+    projector_lr: float | None = None  # None: lr (LLaVA); a short CPU budget trains the projector faster
     unfreeze_vision: bool = False
     vision_lr: float = 2e-6
     warmup_ratio: float = 0.03
@@ -51,8 +52,9 @@ def validate_stage(cfg: StageConfig, name: str = "stage") -> StageConfig:
             raise ConfigError(f"{name}.{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.lr is None:
         cfg.lr = DEFAULT_LR[cfg.stage]
-    if cfg.lr <= 0 or cfg.vision_lr <= 0:
-        raise ConfigError(f"{name}.lr and {name}.vision_lr must be positive, got {cfg.lr} and {cfg.vision_lr}")
+    if cfg.lr <= 0 or cfg.vision_lr <= 0 or (cfg.projector_lr is not None and cfg.projector_lr <= 0):
+        raise ConfigError(f"{name}.lr, {name}.projector_lr and {name}.vision_lr must be positive, got {cfg.lr}, "
+                          f"{cfg.projector_lr} and {cfg.vision_lr}")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.weight_decay < 0:

@@ -134,8 +134,8 @@ def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, 
         if summary.get("steps", 0) >= cfg.steps:
             load_trainable(model, out_dir / "final.safetensors")
             return summary
-    param_groups = [{"params": ps, "lr": cfg.vision_lr if name == "vision" else cfg.lr, "name": name}
-                    for name, ps in groups.items()]
+    rates = {"vision": cfg.vision_lr, "projector": cfg.projector_lr or cfg.lr}
+    param_groups = [{"params": ps, "lr": rates.get(name, cfg.lr), "name": name} for name, ps in groups.items()]
     for g in param_groups:
         g["initial_lr"] = g["lr"]
     opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)

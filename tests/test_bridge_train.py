@@ -163,6 +163,26 @@ def test_resume_continues_exactly(tmp_path, ckpt, tokenizer):
     assert all(torch.equal(v, trainable_state(again)[k]) for k, v in a.items())
 
 
+def test_projector_learning_rate_of_its_own(tmp_path, ckpt, tokenizer):
+    from bridge.data import SynthInstructions
+    from bridge.train import StageConfig, train_stage
+
+    model, collate, _ = build(ckpt, tokenizer)
+    llm0 = model.model.language_model.layers[0].mlp.up_proj.weight.clone()
+    proj0 = model.model.multi_modal_projector.linear_2.weight.clone()
+    cfg = StageConfig(stage=2, steps=1, batch_size=2, lr=1e-5, projector_lr=1e-2, warmup_ratio=0.0, save_every=1,
+                      progress=False)
+    train_stage(model, SynthInstructions(4, image_size=32), collate, cfg, tmp_path / "s2")
+    from encoder.core.checkpoint import step_path
+
+    groups = torch.load(step_path(tmp_path / "s2", 1) / "optimizer.pt")["param_groups"]
+    assert {g["name"]: g["initial_lr"] for g in groups} == {"projector": 1e-2, "llm": 1e-5}
+    # AdamW's first step moves every weight by about its LR: 1e-2 for the projector, 1e-5 for the LLM
+    proj_step = (model.model.multi_modal_projector.linear_2.weight - proj0).abs().max()
+    llm_step = (model.model.language_model.layers[0].mlp.up_proj.weight - llm0).abs().max()
+    assert 5e-3 < proj_step < 2e-2 and 5e-6 < llm_step < 2e-5, (proj_step, llm_step)
+
+
 def test_bf16_option_trains(tmp_path, ckpt, tokenizer):
     from bridge.data import SynthInstructions
     from bridge.train import StageConfig, train_stage

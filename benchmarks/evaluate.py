@@ -343,9 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the model could not be loaded, or lmms-eval broke outside a task
         print(f"ov2 eval: failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
         return 1
-    failed = [t for t, e in scores["tasks"].items() if e["status"] != "ok"]
+    failed = [f"{t}: {e['error']}" for t, e in scores["tasks"].items() if e["status"] != "ok"]
     if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 holds the scores
         print(json.dumps({t: e["metrics"].get(e["primary"], {}).get("value") for t, e in scores["tasks"].items()}))
+        if failed:  # the last line a caller (the runner) reads
+            print(f"ov2 eval: {len(failed)} of {len(scores['tasks'])} tasks failed: {'; '.join(failed)}",
+                  file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -16,7 +16,8 @@ from reports.paper import paper_efficiency
 from reports.tables import table
 
 IDENTIFIERS = ("variant", "family", "preset", "image_size", "batch", "keep_ratio", "text_passes", "counting")
-MEASURES = ("gflops", "paper_gflops", "step_s", "step_time_s", "images_per_s", "peak_mib", "peak_mem_mb", "net_mib")
+MEASURES = ("gflops", "paper_gflops", "step_s", "step_time_s", "images_per_s", "peak_mib", "peak_mem_mb", "net_mib",
+            "ms_per_sample", "vs_both", "paper_hours", "paper_vs_both")  # the last four: recipe estimates
 
 
 def cost_table(cost: pd.DataFrame, reference_family: str) -> pd.DataFrame:
@@ -46,7 +47,14 @@ def efficiency(reference_family: str, results_dir: Path) -> dict | None:
     costs = []
     for path in sorted(results_dir.glob("cost_*.csv")):
         try:
-            costs.append({"name": path.stem, "table": table(cost_table(pd.read_csv(path), reference_family))})
+            cost = pd.read_csv(path)
+            # `bench train` appends recipe estimates (no family, other measures): a table of their own
+            parts = [cost]
+            if "family" in cost.columns:
+                parts = [cost[cost["family"].notna()], cost[cost["family"].isna()]]
+            for name, part in zip((path.stem, f"{path.stem}: recipe estimates"), parts):
+                shown = cost_table(part, reference_family).dropna(axis=1, how="all")
+                costs.append({"name": name, "table": table(shown) if len(part) else None})
         except (OSError, ValueError, KeyError):
             continue
     out = {"cost": [c for c in costs if c["table"]], "paper": paper_efficiency(collect.REFERENCE_DIR),

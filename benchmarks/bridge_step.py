@@ -50,10 +50,13 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
     loss_fn = AnswerLoss()
     model.train()
     times: dict[tuple[int, bool], list[float]] = {(s, b): [] for s in (1, 2) for b in (False, True)}
+    optimizers = {}  # one per stage, kept across rounds: its state is allocated in the warm-up round, not timed
     for r in range(repeats + 1):  # round 0 warms up every variant
         for stage, bf16 in times:
-            groups = trainable_groups(model, stage=stage)
-            opt = torch.optim.AdamW([p for ps in groups.values() for p in ps], lr=1e-6)
+            groups = trainable_groups(model, stage=stage)  # sets requires_grad for this stage
+            if stage not in optimizers:
+                optimizers[stage] = torch.optim.AdamW([p for ps in groups.values() for p in ps], lr=1e-6)
+            opt = optimizers[stage]
             for _ in range(steps):
                 start = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -70,8 +70,6 @@ def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int,
 def load_model(model_dir: str | Path, batch_size: int = 1):
     """lmms-eval's `llava_hf` (the class its registry resolves the name to) on the folder, on CUDA if present
     (under torchrun: this process's GPU)."""
-    import os
-
     import torch
     from lmms_eval.models import get_model
 

@@ -29,10 +29,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ov2 run benchmarks/experiments/default.yaml --out runs/default
+	$(VENV)/bin/ov2 run benchmarks/runner/experiments/default.yaml --out runs/default
 
 quick: $(STAMP)
-	$(VENV)/bin/ov2 run benchmarks/experiments/default.yaml --quick --out runs/default-quick
+	$(VENV)/bin/ov2 run benchmarks/runner/experiments/default.yaml --quick --out runs/default-quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests

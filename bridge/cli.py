@@ -25,7 +25,7 @@ from encoder.cli import fail
 
 def parse_train(argv: list[str]):
     from bridge.config import BridgeConfig, validate
-    from encoder.core.config import apply_overrides, apply_tree, read_yaml
+    from ov2.config import apply_overrides, apply_tree, read_yaml
 
     p = argparse.ArgumentParser(prog="ov2 bridge train", description="LLaVA-1.5 stage 1 + stage 2, then export",
                                 epilog="any other field as --key=value, e.g. --stage1.steps=50 --eval_samples=8")
@@ -45,7 +45,7 @@ def parse_train(argv: list[str]):
 
 
 def raise_cfg(message: str):
-    from encoder.core.config import ConfigError
+    from ov2.config import ConfigError
 
     raise ConfigError(message)
 
@@ -89,7 +89,7 @@ def _train(a, rest) -> int:
     import shlex
 
     from bridge.pipeline import run
-    from encoder.core.runfolder import read_run
+    from ov2.runfolder import read_run
 
     cfg = parse_train(rest)
     try:
@@ -161,8 +161,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from encoder.core.config import ConfigError
-    from encoder.core.runfolder import RunLocked
+    from ov2.config import ConfigError
+    from ov2.runfolder import RunLocked
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_encoder_main(argv: list[str] | None = None) -> int:
-    from encoder.core.config import ConfigError
+    from ov2.config import ConfigError
 
     p = argparse.ArgumentParser(prog="ov2 export-encoder",
                                 description="write an encoder as a transformers ViTModel / CLIPVisionModel folder")

@@ -1,6 +1,6 @@
 """The bridge's configuration: one LLaVA run (`BridgeConfig`) holding two training stages (`StageConfig`).
 
-Every field is set the one way configs are set in this project (`encoder.core.config`): `--key=value` by dotted
+Every field is set the one way configs are set in this project (`ov2.config`): `--key=value` by dotted
 path (`--stage1.steps=50`) or unique leaf (`--eval_samples=8`), or a YAML file of the same keys; a bad key or value
 is a ConfigError naming it (one line, exit 2).
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from encoder.core.config import ConfigError
+from ov2.config import ConfigError
 
 DEFAULT_LR = {1: 1e-3, 2: 2e-5}
 
@@ -85,7 +85,7 @@ class BridgeConfig:
     @classmethod
     def from_dict(cls, d: dict) -> BridgeConfig:
         """A saved config (config.yaml / bridge_config.json) back as a BridgeConfig."""
-        from encoder.core.config import apply_tree
+        from ov2.config import apply_tree
 
         if not isinstance(d, dict) or "encoder" not in d or "out" not in d:
             raise ConfigError("not a bridge config (expected a mapping with encoder and out)")

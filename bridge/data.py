@@ -8,7 +8,7 @@ Built-in sets are drawn from `encoder.data.synth.make_scene(seed, index)`: every
 (seed, index), so train and held-out splits come from disjoint seeds (TRAIN_SEED, HELDOUT_SEED).
     stage 1 (`SynthCaptions`): describe-the-image prompt -> the scene caption
     stage 2 (`SynthInstructions`): short answers, yes/no, multiple choice, counting, reading text, chart values,
-            in every answer format the built-in benchmark suite asks for (benchmarks/suite), with its prompt suffixes
+            in every answer format the built-in benchmark suite asks for (evals.suite), with its prompt suffixes
 The kind "fashion" (add it to `kinds`, e.g. `--synth_kinds=shapes,text,chart,fashion`) mixes in Fashion-MNIST
 train images: captions from encoder.data.fashion_mnist, and "which item of clothing" questions.
 Both skip every scene that `is_heldout` marks (held-out (colour, shape), (word, colour) and (bar colour, bar

@@ -25,7 +25,7 @@ def export_llava(model, processor, out_dir: str | Path, extra: dict | None = Non
 
 def _refuse_destination(spec: str, out: Path, force: bool) -> None:
     """Never write inside a run's checkpoints (or over a run folder); a non-empty folder only with `force`."""
-    from encoder.core.config import ConfigError
+    from ov2.config import ConfigError
 
     target = out.resolve()
     if (target / "checkpoints").is_dir():

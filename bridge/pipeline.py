@@ -21,9 +21,9 @@ import yaml
 
 from bridge.config import ARCHITECTURE, BridgeConfig, validate  # noqa: F401  (BridgeConfig is imported from here)
 from bridge.train import latest_weights, load_trainable, train_stage
-from encoder.core import runfolder
-from encoder.core.config import ConfigError
-from encoder.core.resume import RESUME_SAFE, check_out, diff_configs
+from ov2 import runfolder
+from ov2.config import ConfigError
+from ov2.resume import RESUME_SAFE, check_out, diff_configs
 
 CONFIG = "config.yaml"
 # what may differ between two calls into the same OUT besides steps (which may grow)
@@ -103,7 +103,7 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     from bridge.data import Collator
     from bridge.evaluate import heldout_accuracy
     from bridge.export import export_llava
-    from encoder import distributed as dist
+    from ov2 import distributed as dist
 
     validate(cfg)
     out = Path(cfg.out)

@@ -1,13 +1,13 @@
-"""One LLaVA training stage: the bridge's batches and answer loss on the one training loop (`encoder.core.loop`:
+"""One LLaVA training stage: the bridge's batches and answer loss on the one training loop (`ov2.loop`:
 gradient accumulation, bf16 autocast on the model's device, NaN guard) and the one run-folder contract; freeze per
 stage, AdamW with warm-up + cosine, checkpoints every `save_every` steps and exact resume, tqdm, JSONL metrics.
 
 Run folder of a stage (the same contract as a pretraining run, read by the same code):
     config.yaml              the stage's StageConfig
-    status.json              running -> ok | failed | interrupted, key, wall time, peak memory (encoder.core.runfolder)
+    status.json              running -> ok | failed | interrupted, key, wall time, peak memory (ov2.runfolder)
     metrics.jsonl            one line per optimizer step: stage, step, loss, lr, tokens, seconds, peak_rss_mb
     checkpoints/step_N/      model.safetensors (trainable parameters), optimizer.pt, rng_rank0.pt, trainer.json,
-                             config.yaml: written atomically, verified on load (encoder.core.checkpoint)
+                             config.yaml: written atomically, verified on load (ov2.checkpoint)
     final.safetensors        the trained weights (trainable parameters only) once the stage is done
     done.json                summary (steps, final loss, wall time, peak memory); a finished stage is skipped
 The sample order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
@@ -31,12 +31,12 @@ from tqdm import tqdm
 from bridge.assemble import trainable_groups
 from bridge.config import DEFAULT_LR, StageConfig  # noqa: F401  (StageConfig is imported from here by callers)
 from bridge.loss import AnswerLoss
-from encoder import distributed as dist
-from encoder.core import checkpoint as core
-from encoder.core import runfolder
-from encoder.core.config import ConfigError
-from encoder.core.loop import LoopConfig, device_of, run_steps, warmup_cosine
-from encoder.core.resume import check_out, check_resume
+from ov2 import checkpoint as core
+from ov2 import distributed as dist
+from ov2 import runfolder
+from ov2.config import ConfigError
+from ov2.loop import LoopConfig, device_of, run_steps, warmup_cosine
+from ov2.resume import check_out, check_resume
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -162,7 +162,7 @@ def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, 
 
 
 def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: int, stop_after) -> dict:
-    """The stage's steps on the one training loop (encoder.core.loop): the bridge supplies batches and the loss."""
+    """The stage's steps on the one training loop (ov2.loop): the bridge supplies batches and the loss."""
     loss_fn = AnswerLoss()
     order = SampleOrder(len(dataset), cfg.seed)
     device = device_of(model)

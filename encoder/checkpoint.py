@@ -1,4 +1,4 @@
-"""Pretraining checkpoints on the one scheme of `encoder.core.checkpoint` (atomic `step_N/`, verified on load).
+"""Pretraining checkpoints on the one scheme of `ov2.checkpoint` (atomic `step_N/`, verified on load).
 
     RUN/config.yaml
     RUN/checkpoints/step_0000100/
@@ -30,9 +30,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from encoder import distributed as dist
 from encoder.config import ConfigError, TrainConfig, from_dict, to_dict
-from encoder.core import checkpoint as core
+from ov2 import checkpoint as core
+from ov2 import distributed as dist
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

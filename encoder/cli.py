@@ -43,7 +43,7 @@ def _os_error(prog: str, err: OSError) -> int:
 
 def train_main(argv: list[str]) -> int:
     from encoder.config import PRESETS, ConfigError, apply_overrides, apply_yaml, get_preset, validate
-    from encoder.core.runfolder import RunLocked
+    from ov2.runfolder import RunLocked
 
     parser = argparse.ArgumentParser(
         prog="ov2 train", description="Pretrain a vision encoder (OpenVision 2, OpenVision v1 or CLIP preset).",
@@ -75,9 +75,9 @@ def train_main(argv: list[str]) -> int:
     except OSError as err:
         return _os_error(prog, err)
     except Exception as err:
-        from encoder.core.checkpoint import CheckpointError
         from encoder.data.loader import DataError
         from encoder.train import TrainingStopped
+        from ov2.checkpoint import CheckpointError
 
         if isinstance(err, (DataError, TrainingStopped, CheckpointError)):
             return fail(prog, err, 1)

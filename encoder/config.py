@@ -18,10 +18,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from encoder.core.config import ConfigError, apply_overrides, apply_tree, read_yaml, set_value  # noqa: F401
 from encoder.models.decoder import DecoderConfig
 from encoder.models.text import TextConfig
 from encoder.models.vit import ViTConfig
+from ov2.config import ConfigError, apply_overrides, apply_tree, read_yaml, set_value  # noqa: F401
 
 
 @dataclass
@@ -177,7 +177,7 @@ def _micro() -> TrainConfig:
 
 def equal_budget_recipe(steps: int = 400, batch: int = 64, size: int = 32) -> list[str]:
     """Overrides of the baselines comparison, equal for every family (applied to `{family}-micro` by
-    `benchmarks/baselines.py` and the baseline learning tests): single-object built-in scenes plus 75 %
+    `benchmarks/bench/baselines.py` and the baseline learning tests): single-object built-in scenes plus 75 %
     Fashion-MNIST train images, steps x batch at `size` px, patch 4, lr 3e-3, no weight decay. Patch 4 gives 64
     patches at 32 px, so OpenVision 2 still sees 22 after keeping 35 % (patch 8 would leave it 5 of 16, and then its
     probe does not rise above the random-init floor in this budget). Stage 2 is one step at 1/20 of 5e-4."""
@@ -213,7 +213,7 @@ def get_preset(name: str) -> TrainConfig:
     return cfg
 
 
-# --- overrides (the engine is encoder.core.config, shared with the bridge config) ----------------------
+# --- overrides (the engine is ov2.config, shared with the bridge config) ----------------------
 
 
 def apply_yaml(cfg: TrainConfig, path: str) -> TrainConfig:

@@ -28,8 +28,8 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoder import distributed as dist
 from encoder.kernels import linear_cross_entropy
+from ov2 import distributed as dist
 
 if TYPE_CHECKING:
     from encoder.config import TrainConfig

@@ -8,10 +8,10 @@ AdamW (b1 0.9, b2 0.95, decoupled weight decay on Linear/Conv weight matrices on
 cosine to 0 within each stage, a fresh optimizer at each stage (stage 2 starts from stage 1's weights),
 gradient accumulation, optional bf16 autocast, a NaN/inf guard (skip the step; stop after `nan_patience`
 in a row), JSONL metrics, atomic checkpoints every `ckpt_every` steps and at the end of each stage. The steps
-themselves run on `encoder.core.loop.run_steps`, the loop the bridge stages use too; this module supplies the
+themselves run on `ov2.loop.run_steps`, the loop the bridge stages use too; this module supplies the
 data (resumable loader), the model + losses, the LR schedule and the checkpoints.
 
-The run folder follows the contract of `encoder.core.runfolder`: everything is checked (config, saved config,
+The run folder follows the contract of `ov2.runfolder`: everything is checked (config, saved config,
 checkpoint) before anything is written; then the folder is locked, status.json says running -> ok / failed /
 interrupted, and config.yaml, metrics.jsonl and checkpoints/ are written.
 """
@@ -28,15 +28,15 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from encoder import checkpoint as ckpt
-from encoder import distributed as dist
 from encoder.config import ConfigError, StageConfig, TrainConfig, micro_batch, to_dict, validate
-from encoder.core import runfolder
-from encoder.core.checkpoint import newest as newest_checkpoint
-from encoder.core.loop import LoopConfig, NonFiniteLoss, run_steps, warmup_cosine
-from encoder.core.resume import check_out, check_resume
 from encoder.data.loader import DataError, make_loader
 from encoder.data.sources import open_source
 from encoder.models import build_losses, build_model, text_inputs
+from ov2 import distributed as dist
+from ov2 import runfolder
+from ov2.checkpoint import newest as newest_checkpoint
+from ov2.loop import LoopConfig, NonFiniteLoss, run_steps, warmup_cosine
+from ov2.resume import check_out, check_resume
 
 MAX_EMPTY_TRIES = 10_000  # samples read in a row without a usable one before the run stops
 

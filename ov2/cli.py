@@ -1,6 +1,6 @@
 """The `ov2` console script: a thin dispatcher over each package's own `main(argv)`.
 
-    ov2 run benchmarks/experiments/default.yaml    the whole job: train encoders, bridge them, evaluate, report
+    ov2 run benchmarks/runner/experiments/default.yaml    the whole job: train encoders, bridge them, evaluate, report
     ov2 train --preset ov2-tiny --out runs/demo    pretrain an encoder (OpenVision 2 / OpenVision / CLIP)
     ov2 bridge train --encoder runs/demo --out runs/llava    LLaVA stage 1 + 2 and a standard LLaVA export
     ov2 eval runs/llava/model --tasks ov2_gqa --out runs/eval    lmms-eval on a LLaVA folder
@@ -22,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-encoder": ("encoder.evaluate:main", "linear-probe and zero-shot accuracy on Fashion-MNIST"),
     "export-encoder": ("bridge.cli:export_encoder_main", "write an encoder as a transformers ViTModel/CLIPVisionModel"),
     "bridge": ("bridge.cli:main", "LLaVA-style model: train stage 1/2, export, chat"),
-    "bench": ("benchmarks.cli:bench_main", "efficiency and kernel benchmarks"),
-    "eval": ("benchmarks.evaluate:main", "evaluate a LLaVA folder with lmms-eval (built-in suite or lmms-eval tasks)"),
+    "bench": ("benchmarks.bench.cli:bench_main", "efficiency and kernel benchmarks"),
+    "eval": ("benchmarks.evals.evaluate:main", "evaluate a LLaVA folder with lmms-eval (built-in suite or lmms-eval tasks)"),
     "run": ("benchmarks.runner.cli:main", "the whole pipeline: train -> bridge -> evaluate -> report"),
     "report": ("reports.cli:main", "build the HTML report from a run folder"),
 }

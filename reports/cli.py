@@ -5,7 +5,7 @@
     ov2 report runs/a --compare runs/b               -> runs/a/report/compare_b.html (the two runs side by side)
 
 Reads only files on disk (results.csv, stage status files, eval samples, metrics.jsonl, encoder_eval/result.json,
-run.json, experiment.yaml, benchmarks/reference/ and benchmarks/results/). The file needs no network: CSS inline,
+run.json, experiment.yaml, reports/reference/ and benchmarks/results/). The file needs no network: CSS inline,
 plots as data URIs. A report written by ov2 is replaced; any other existing file only with --force.
 """
 

@@ -7,7 +7,7 @@
     RUN/encoders/<enc>/eval/scores.json, samples/<task>.jsonl -> run["scores"], run["samples"]
     RUN/encoders/<enc>/pretrain/metrics.jsonl, bridge/stage{1,2}/metrics.jsonl -> run["curves"]
     RUN/encoders/<enc>/encoder_eval/result.json              -> run["encoder_eval"]
-    benchmarks/reference/<paper>.csv, benchmarks/results/kernels_cpu.md -> load_paper, load_markdown_tables
+    reports/reference/<paper>.csv, benchmarks/results/kernels_cpu.md -> load_paper, load_markdown_tables
 
 Missing files give empty tables: a report of a half-finished run must still build. A results table that exists but
 cannot be read raises BadRunFolder (one line for the CLI).
@@ -24,10 +24,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from encoder.core.runfolder import read_metrics, read_status
+from ov2.runfolder import read_metrics, read_status
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = REPO / "benchmarks" / "reference"
+REFERENCE_DIR = REPO / "reports" / "reference"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 STAGES = ("pretrain", "export", "bridge", "eval", "encoder_eval")

@@ -1,4 +1,4 @@
-"""The paper's tables beside ours (benchmarks/reference/<name>.csv, named by `paper:` in experiment.yaml).
+"""The paper's tables beside ours (reports/reference/<name>.csv, named by `paper:` in experiment.yaml).
 
 Our encoders map to the paper's methods by family (ov2 -> OpenVision 2, ov1 -> OpenVision, clip -> OpenAI-CLIP);
 for each, the paper's difference from OpenVision 2 (LLaVA-1.5 rows, mean over the settings both report) is set
@@ -75,7 +75,7 @@ def _paper_pairs(run: dict, summary: dict, paper: pd.DataFrame) -> list[dict]:
 
 
 def paper_efficiency(reference_dir: Path) -> list[dict]:
-    """OpenVision 2 / OpenVision ratios from the paper's efficiency table (benchmarks/reference/efficiency.csv)."""
+    """OpenVision 2 / OpenVision ratios from the paper's efficiency table (reports/reference/efficiency.csv)."""
     try:
         eff = pd.read_csv(Path(reference_dir) / "efficiency.csv")
     except (OSError, ValueError):

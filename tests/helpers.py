@@ -10,7 +10,7 @@ import sys
 import torch
 
 from encoder.config import apply_overrides, equal_budget_recipe, get_preset
-from encoder.core.runfolder import read_metrics
+from ov2.runfolder import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

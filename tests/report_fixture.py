@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 from PIL import Image, ImageDraw
 
-# task -> (primary metric, chance, per-question types, answers to draw from); as benchmarks/suite/tasks.py
+# task -> (primary metric, chance, per-question types, answers to draw from); as benchmarks/evals/suite/tasks.py
 TASKS = {
     "ov2_textvqa": ("exact_match", 1 / 20, ["word"], ["cat", "stop", "blue", "open", "exit"]),
     "ov2_chartqa": ("relaxed_accuracy", 2 / 3 * 1 / 9 + 1 / 3 * 1 / 2, ["value", "compare"], ["3", "7", "12", "20"]),
@@ -64,7 +64,7 @@ def _image(seed: int) -> Image.Image:
 
 
 def _metrics(task: str, score: np.ndarray, targets: list[str], preds: list[str]) -> dict:
-    """scores.json metrics of one task, computed from the per-question scores as benchmarks/suite/metrics.py does."""
+    """scores.json metrics of one task, computed from the per-question scores as evals/suite/metrics.py does."""
     n = len(score)
     sem = float(score.std(ddof=1) / np.sqrt(n))
     acc = {"value": float(score.mean()), "stderr": sem}
@@ -98,7 +98,7 @@ def write_data(run: Path, n: int) -> dict:
                        [types[i % len(types)] for i in range(n)])
         split = Dataset.from_dict({"id": list(range(n)), "image": [_image(i + 10 * t) for i in range(n)],
                                    "question": questions, "answer": truth[task][1], "type": truth[task][2]})
-        DatasetDict({"test": split}).save_to_disk(str(run / "data" / task))  # as benchmarks/suite/build.py
+        DatasetDict({"test": split}).save_to_disk(str(run / "data" / task))  # as benchmarks/evals/suite/build.py
     return truth
 
 
@@ -115,7 +115,7 @@ def write_run(root: str | Path, encoders=("ov2", "ov1", "clip"), failed: tuple[s
                   "bridge": {"recipe": "ov2-tiny", "llm": "smollm2-135m"}, "tasks": list(TASKS), "seeds": [seed]}
     (run / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
     (run / "run.json").write_text(json.dumps({
-        "experiment": "default", "argv": ["ov2", "run", "benchmarks/experiments/default.yaml"],
+        "experiment": "default", "argv": ["ov2", "run", "benchmarks/runner/experiments/default.yaml"],
         "started": "2026-11-29T09:00:00", "finished": "2026-11-29T10:12:00", "wall_s": 4320.0,
         "git_commit": "3070737abc", "versions": {"torch": "2.13.0", "transformers": "5.24.0", "lmms_eval": "0.7.3"},
         "machine": {"cpu": "x86_64", "cores": 2, "memory_gb": 24.0, "gpu": None, "python": "3.11.2"}}))

@@ -173,7 +173,7 @@ def test_projector_learning_rate_of_its_own(tmp_path, ckpt, tokenizer):
     cfg = StageConfig(stage=2, steps=1, batch_size=2, lr=1e-5, projector_lr=1e-2, warmup_ratio=0.0, save_every=1,
                       progress=False)
     train_stage(model, SynthInstructions(4, image_size=32), collate, cfg, tmp_path / "s2")
-    from encoder.core.checkpoint import step_path
+    from ov2.checkpoint import step_path
 
     groups = torch.load(step_path(tmp_path / "s2", 1) / "optimizer.pt")["param_groups"]
     assert {g["name"]: g["initial_lr"] for g in groups} == {"projector": 1e-2, "llm": 1e-5}

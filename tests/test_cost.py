@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.cost import flops
-from benchmarks.cost import train as cost_train
+from benchmarks.bench import flops
+from benchmarks.bench import train_cost as cost_train
 from encoder.config import ConfigError, StageConfig, get_preset, micro_batch
 from encoder.data.transforms import adjust_hue, color_jitter, train_transform
 
@@ -148,7 +148,7 @@ def test_bench_train_refuses_to_overwrite(tmp_path, capsys):
 
 
 def test_bench_bridge_times_both_stages_in_both_precisions(tmp_path, capsys):
-    from benchmarks import bridge_step
+    from benchmarks.bench import bridge_step
     from tests.bridge_helpers import write_tiny_llama_folder
 
     llm = write_tiny_llama_folder(tmp_path / "llm")

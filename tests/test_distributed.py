@@ -57,7 +57,7 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def worker(out: str) -> None:
     """Each rank takes its rows of the global batch; rank 0 saves loss and full gradients per mode."""
-    from encoder import distributed as dist
+    from ov2 import distributed as dist
 
     device = dist.setup()
     rank, world = dist.rank(), dist.world_size()

@@ -31,7 +31,7 @@ def test_lmms_eval_installed_and_importable():
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """One `ov2 eval` call: two built-in tasks and one whose data is missing (built-in data folder left empty)."""
-    from benchmarks.evaluate import main
+    from benchmarks.evals.evaluate import main
 
     root = tmp_path_factory.mktemp("eval")
     model, processor = write_tiny_llava(root / "model")
@@ -74,7 +74,7 @@ def test_lmms_eval_answers_equal_bridge_answer(evaluated):
     import datasets
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from benchmarks.suite.tasks import TASKS
+    from benchmarks.evals.suite.tasks import TASKS
     from bridge.evaluate import answer
 
     root, _ = evaluated
@@ -97,7 +97,7 @@ def test_lmms_eval_answers_equal_bridge_answer(evaluated):
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
-    from benchmarks.evaluate import main
+    from benchmarks.evals.evaluate import main
 
     assert main([str(tmp_path / "nope"), "--tasks", "ov2_gqa", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
@@ -119,7 +119,7 @@ def test_image_token_mismatch_fails_the_task(evaluated, tmp_path):
     """A processor whose image-token count does not match the model: llava_hf logs an ERROR and answers ""."""
     import shutil
 
-    from benchmarks.evaluate import evaluate
+    from benchmarks.evals.evaluate import evaluate
 
     root, _ = evaluated
     broken = tmp_path / "broken"

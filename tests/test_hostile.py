@@ -21,9 +21,9 @@ import torch
 import yaml
 from PIL import Image
 
-from encoder.core import checkpoint as core
-from encoder.core.runfolder import RunLock, RunLocked, read_metrics, read_run
+from ov2 import checkpoint as core
 from ov2.cli import main as ov2
+from ov2.runfolder import RunLock, RunLocked, read_metrics, read_run
 from tests.helpers import ROOT, run_cli
 
 MICRO = ["--preset", "ov2-micro", "--data.workers=0"]
@@ -191,7 +191,7 @@ def test_8_truncated_newest_checkpoint_falls_back_for_every_reader(run, tmp_path
 
 
 def test_9_a_cut_last_metrics_line_is_dropped(tmp_path):
-    from encoder.core.runfolder import rewrite_metrics
+    from ov2.runfolder import rewrite_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
@@ -296,7 +296,7 @@ def test_bad_input_is_one_line_and_exit_2(name, run, scratch, capsys):
 
 
 def test_full_disk_says_no_space_left(run, tmp_path, monkeypatch, capsys):
-    import encoder.core.resume as resume
+    import ov2.resume as resume
 
     monkeypatch.setattr(resume.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
     assert ov2(["train", "--out", str(tmp_path / "r"), *SHORT]) == 2

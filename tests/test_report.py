@@ -283,7 +283,7 @@ def test_parquet_only_run_without_paper_table(tmp_path):
     (run / "experiment.yaml").write_text((run / "experiment.yaml").read_text().replace(
         "llava15_openvision2", "no_such_table"))
     html = build_report(run).read_text()
-    assert "benchmarks/reference/no_such_table.csv is not there" in html
+    assert "reports/reference/no_such_table.csv is not there" in html
     rows = parse_tables(run / "report" / "index.html")["summary-table"]
     ov2 = table[(table.encoder == "ov2") & (table.task == "ov2_seed") & (table.metric == "accuracy")]["value"].iloc[0]
     seed = [c[1].strip() for c in rows[0]].index("SEED%")
@@ -293,7 +293,7 @@ def test_parquet_only_run_without_paper_table(tmp_path):
 
 def test_paper_differences_beside_ours(report):
     run, path = report
-    reference = Path(__file__).resolve().parents[1] / "benchmarks" / "reference" / "llava15_openvision2.csv"
+    reference = Path(__file__).resolve().parents[1] / "reports" / "reference" / "llava15_openvision2.csv"
     paper = pd.read_csv(reference)
     paper = paper[paper.framework == "llava-1.5"]
     pairs = paper[paper.method == "OpenVision"].merge(paper[paper.method == "OpenVision 2"],

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from encoder.core.runfolder import read_status
+from ov2.runfolder import read_status
 from tests.helpers import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
@@ -178,6 +178,7 @@ def test_out_that_is_not_a_run_is_refused(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    res = run_cli("run", os.path.join(ROOT, "benchmarks/experiments/default.yaml"), "--out", str(out), timeout=120)
+    res = run_cli("run", os.path.join(ROOT, "benchmarks/runner/experiments/default.yaml"), "--out", str(out),
+                  timeout=120)
     assert res.returncode == 2 and "not an ov2 run" in res.stderr
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from encoder.core import checkpoint as core
-from encoder.core.runfolder import RunLock, read_run
+from ov2 import checkpoint as core
+from ov2.runfolder import RunLock, read_run
 from tests.helpers import ROOT, assert_close_scaled, run_cli
 
 MICRO = ["--preset", "ov2-micro", "--data.workers=0"]
@@ -33,7 +33,7 @@ def bridge_stage(ckpt, out, slow=0.0) -> None:
     from bridge.llm import tiny_llama
     from bridge.towers import load_tower
     from bridge.train import StageConfig, train_stage, trainable_state
-    from encoder import distributed
+    from ov2 import distributed
 
     distributed.setup()  # joins the process group when started by torchrun
     out, slow = Path(out), float(slow)

@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from benchmarks.suite import metrics as M
-from benchmarks.suite.build import build_task, generate
-from benchmarks.suite.tasks import TASKS
+from benchmarks.evals.suite import metrics as M
+from benchmarks.evals.suite.build import build_task, generate
+from benchmarks.evals.suite.tasks import TASKS
 
 # --- metrics ------------------------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """`ov2 run EXPERIMENT.yaml [--out RUN] [--quick]`: train encoders, bridge them to an LLM, evaluate, tabulate, report.
 
-    ov2 run benchmarks/experiments/default.yaml                 # ov2 vs ov1 vs clip on 2 CPU cores (~30 min)
-    ov2 run benchmarks/experiments/default.yaml --quick         # smoke: tiny steps, a few questions per task
+    ov2 run benchmarks/runner/experiments/default.yaml                 # ov2 vs ov1 vs clip on 2 CPU cores (~30 min)
+    ov2 run benchmarks/runner/experiments/default.yaml --quick         # smoke: tiny steps, a few questions per task
     ov2 run exp.yaml --out runs/exp                             # again: finished stages are skipped, others resume
 
 Stages per encoder: pretrain -> export -> bridge (stage 1, stage 2, LLaVA export) -> eval (lmms-eval) and
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ov2 run", description=__doc__.splitlines()[0],
                                      epilog="\n".join(__doc__.splitlines()[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", help="experiment YAML (see benchmarks/experiments/default.yaml)")
+    parser.add_argument("experiment", help="experiment YAML (see benchmarks/runner/experiments/default.yaml)")
     parser.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     parser.add_argument("--quick", action="store_true", help="apply the experiment's `quick:` section (smoke test)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (stages, keys, commands) and stop")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.runner.execute import execute
     from benchmarks.runner.experiment import ExperimentError, load, to_dict
     from benchmarks.runner.plan import build_plan
-    from encoder.core.runfolder import RunLock, RunLocked
+    from ov2.runfolder import RunLock, RunLocked
 
     try:
         exp = load(args.experiment, quick=args.quick)

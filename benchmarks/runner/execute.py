@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.runner.plan import Stage
-from encoder.core.runfolder import read_status, write_status
+from ov2.runfolder import read_status, write_status
 
 PR_SET_PDEATHSIG = 1
 

@@ -1,7 +1,7 @@
 """An experiment file: which encoders, how each is bridged to an LLM, which tasks, which seeds.
 
     name: default
-    paper: llava15_openvision2          # benchmarks/reference/<name>.csv, shown beside ours in the report
+    paper: llava15_openvision2          # reports/reference/<name>.csv, shown beside ours in the report
     seeds: [0]
     nproc: 1                            # > 1: training and evaluation run under torchrun --nproc_per_node N
     pretrain: {data.workers: 1}         # overrides applied to every encoder trained from a preset

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.runner.experiment import EncoderSpec, Experiment
-from encoder.core.runfolder import config_key
+from ov2.runfolder import config_key
 
 OV2 = [sys.executable, "-m", "ov2"]
 
@@ -101,7 +101,7 @@ def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path)
                   *_args(bridge_overrides)], tower_deps, resumable=True)
     ev = exp.eval
     add("eval", config_key("eval", ev.tasks, ev.limit, bridge.key),
-        [*launch(exp, "eval", "benchmarks.evaluate"), str(bridge.folder / "model"), "--tasks", ",".join(ev.tasks),
+        [*launch(exp, "eval", "benchmarks.evals.evaluate"), str(bridge.folder / "model"), "--tasks", ",".join(ev.tasks),
          "--out", str(root / "eval"),
          "--data", str(run_dir / "data"),
          *(["--limit", str(ev.limit)] if ev.limit else [])], [bridge])

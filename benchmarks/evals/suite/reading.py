@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.suite.common import balanced, heldout_scenes, interleave, lettered, quotas
+from benchmarks.evals.suite.common import balanced, heldout_scenes, interleave, lettered, quotas
 
 
 def _record(index: int, image, question: str, answer: str, qtype: str) -> dict:

@@ -1,6 +1,6 @@
 """One training-cost measurement in a fresh process: build a preset's model, run warm-up and timed steps, report.
 
-    python -m benchmarks.cost.worker '{"preset": "ov2-b16", "image_size": 224, "batch": 4, "steps": 3}'
+    python -m benchmarks.bench.train_worker '{"preset": "ov2-b16", "image_size": 224, "batch": 4, "steps": 3}'
 
 Prints one JSON line: {"step_s": [...], "peak_mib": ..., "base_mib": ..., "device": ...}. A step is a full
 training step as the trainer takes it: forward, the family's losses, backward, AdamW step. The batch is random
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from encoder.core.runfolder import peak_rss_mb
+from ov2.runfolder import peak_rss_mb
 
 
 def synthetic_batch(cfg, batch: int, image_size: int, device: torch.device) -> dict:

@@ -28,7 +28,7 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.cost.results import RESULTS, OutputExists, check_writable, markdown_table, write_results
+from benchmarks.bench.results import RESULTS, OutputExists, check_writable, markdown_table, write_results
 
 PRESETS = ("b16", "l14", "so400m14", "h14", "g14")
 # The paper's forward GFLOPs per image (OpenVision 2, arXiv 2509.01644); SoViT-400M "@384" is our 378 px

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from encoder.core.config import ConfigError, leaves
+from ov2.config import ConfigError, leaves
 
 MIN_FREE_MB = 64
 # keys a resume may change: how often it logs and saves, how it reads data, how it runs on the machine

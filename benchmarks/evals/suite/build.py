@@ -1,5 +1,5 @@
 """Write a built-in task's data as a `datasets` folder (`DatasetDict({"test": ...}).save_to_disk`), as the task
-YAMLs in benchmarks/tasks load it (`dataset_kwargs: {load_from_disk: true}`).
+YAMLs in benchmarks/evals/tasks load it (`dataset_kwargs: {load_from_disk: true}`).
 
     build_task("ov2_gqa", "data/ov2_gqa", n=100)   # -> the folder; the same arguments always give the same bytes
     ensure_data(["ov2_gqa", "ov2_pope"], "data")   # builds the missing ones (default sizes), returns their folders
@@ -15,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from benchmarks.suite import reading, shapes
-from benchmarks.suite.tasks import get_task
+from benchmarks.evals.suite import reading, shapes
+from benchmarks.evals.suite.tasks import get_task
 
 GENERATORS = {
     "ov2_textvqa": reading.make_textvqa, "ov2_chartqa": reading.make_chartqa, "ov2_ocrbench": reading.make_ocrbench,

@@ -208,7 +208,7 @@ def read_run(run: str | Path) -> dict:
     stages alike: status, config, metrics, the completed checkpoints' steps, the newest intact checkpoint's step."""
     import yaml
 
-    from encoder.core import checkpoint
+    from ov2 import checkpoint
 
     run = Path(run)
     config_path = run / "config.yaml"

@@ -1,10 +1,10 @@
 """lmms-eval hooks of the built-in suite (the YAMLs beside this file name them with `!function utils.NAME`).
 
-lmms-eval loads this file by path, once per `!function`; it only adapts benchmarks.suite to lmms-eval's calls.
+lmms-eval loads this file by path, once per `!function`; it only adapts benchmarks.evals.suite to lmms-eval's calls.
 """
 
-from benchmarks.suite import metrics
-from benchmarks.suite.tasks import TASKS
+from benchmarks.evals.suite import metrics
+from benchmarks.evals.suite.tasks import TASKS
 
 
 def ov2_doc_to_visual(doc):

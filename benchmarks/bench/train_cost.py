@@ -5,7 +5,7 @@
     ov2 bench train --rounds 2 --headroom-step 2 --out /tmp/cost2      # busy machine: interleave, finer headroom
     ov2 bench train --preset l14 --paper-towers --batch 256 --cap-mib 80000    # a GPU (bf16) at the paper's size
 
-Every measurement runs in a fresh process (`benchmarks.cost.worker`): a full training step (forward, losses,
+Every measurement runs in a fresh process (`benchmarks.bench.train_worker`): a full training step (forward, losses,
 backward, AdamW) on random pixels and full-length texts, warm-up steps, then the median of the timed steps.
 Peak memory is the CUDA allocator's peak on a GPU and the peak resident set of that process on the CPU (which
 includes ~0.3 GB of torch itself: 'net' subtracts the resident set measured before the model was built).
@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from benchmarks.cost.results import RESULTS, ROOT, OutputExists, check_writable, markdown_table, write_results
+from benchmarks.bench.results import RESULTS, ROOT, OutputExists, check_writable, markdown_table, write_results
 
 # A CPU size: ViT-Ti/16 with a decoder / text encoder of 2/3 its width and half its depth (the L/14 pairing,
 # scaled down). Its forward FLOPs keep the L/14 proportions: OV1 (two text passes) / OV2 = 1.32 (L/14: 1.37).
@@ -50,7 +50,7 @@ PAPER_ABLATION = {(False, False): 217, (False, True): 190, (True, False): 67, (T
 def run_worker(spec: dict, timeout: float | None = None) -> dict:
     """One measurement in a fresh process; {"oom": True} when it ran out of memory; RuntimeError on a crash."""
     env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "benchmarks.cost.worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "benchmarks.bench.train_worker", json.dumps(spec)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == 3 or proc.returncode in (-9, 137):  # CUDA OOM, or killed by the kernel's OOM killer

@@ -6,11 +6,11 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "kernels": ("benchmarks.kernels", "fused linear CE vs eager, torch.compile, F.linear_cross_entropy, CCE"),
-    "baselines": ("benchmarks.baselines", "ov2 vs ov1 vs clip (micro, equal budget): time, memory, FMNIST accuracy"),
-    "flops": ("benchmarks.cost.flops", "forward GFLOPs per image of OV2 / OV1 / CLIP at paper presets vs the paper"),
-    "train": ("benchmarks.cost.train", "training cost OV2 vs OV1 vs CLIP: step time, peak memory, batch headroom"),
-    "bridge": ("benchmarks.bridge_step", "LLaVA stage 1 / stage 2 step time, float32 vs bf16 autocast"),
+    "kernels": ("benchmarks.bench.kernels", "fused linear CE vs eager, torch.compile, F.linear_cross_entropy, CCE"),
+    "baselines": ("benchmarks.bench.baselines", "ov2 vs ov1 vs clip (micro, equal budget): time, memory, FMNIST accuracy"),
+    "flops": ("benchmarks.bench.flops", "forward GFLOPs per image of OV2 / OV1 / CLIP at paper presets vs the paper"),
+    "train": ("benchmarks.bench.train_cost", "training cost OV2 vs OV1 vs CLIP: step time, peak memory, batch headroom"),
+    "bridge": ("benchmarks.bench.bridge_step", "LLaVA stage 1 / stage 2 step time, float32 vs bf16 autocast"),
 }
 
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.bench.results import RESULTS
 
 
 def cpu_flags() -> str:
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the default experiment's)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds (after one warm-up round)")
-    parser.add_argument("--out", default=str(RESULTS / "bridge_step_cpu"), help="NAME: writes NAME.md, NAME.json")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "bridge_step_cpu"),
+                        help="NAME: writes NAME.md, NAME.json")
     parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from encoder.core.config import ConfigError
+    from ov2.config import ConfigError
 
     try:
         rows = measure(args.encoder, args.llm, args.batch, args.steps, args.repeats)

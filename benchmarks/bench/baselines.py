@@ -1,9 +1,9 @@
 """OpenVision 2 vs OpenVision (v1) vs CLIP trained by the same code with equal steps and batch: training time,
 peak memory, Fashion-MNIST linear probe and zero-shot accuracy, in one Markdown table.
 
-    python -m benchmarks.baselines                                    # CPU: small towers, 400 x 64 at 32 px
-    python -m benchmarks.baselines --steps 50 --out /tmp/bl           # quicker smoke
-    python -m benchmarks.baselines --full-tiny --steps 400            # the tiny presets' own tower sizes
+    python -m benchmarks.bench.baselines                                    # CPU: small towers, 400 x 64 at 32 px
+    python -m benchmarks.bench.baselines --steps 50 --out /tmp/bl           # quicker smoke
+    python -m benchmarks.bench.baselines --full-tiny --steps 400            # the tiny presets' own tower sizes
 
 Each training runs in its own process (`python -m encoder train`); its peak resident memory is the one that process
 records in its status.json (the kernel's high-water mark, VmHWM), the training's alone; on CUDA one would report
@@ -24,10 +24,10 @@ import subprocess
 import sys
 import time
 
+from benchmarks.bench.results import RESULTS, ROOT
 from encoder.config import equal_budget_recipe
-from encoder.core.runfolder import read_status
+from ov2.runfolder import read_status
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("ov2", "ov1", "clip")
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the runs' seed (initial weights, data order)")
     parser.add_argument("--full-tiny", action="store_true", help="the tiny presets' own towers (slow on CPU)")
     parser.add_argument("--out", default="runs/baselines", help="run folder, one sub-folder per family")
-    parser.add_argument("--table", default=os.path.join(ROOT, "benchmarks", "results", "baselines_cpu.md"),
+    parser.add_argument("--table", default=os.path.join(RESULTS, "baselines_cpu.md"),
                         help="Markdown table to write (default benchmarks/results/baselines_cpu.md)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma list (default ov2,ov1,clip)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --table")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             "logistic regression on 2000 train-split features, accuracy on 1000 test-split images; the random-init "
             "probe is the same ViT at its initial weights (same seed); zero-shot on "
             f"the same test images (chance 0.1). Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-            "one run each. Command: python -m benchmarks.baselines "
+            "one run each. Command: python -m benchmarks.bench.baselines "
             + " ".join(argv if argv is not None else sys.argv[1:]))
     os.makedirs(os.path.dirname(args.table), exist_ok=True)
     with open(args.table, "w") as f:

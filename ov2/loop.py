@@ -36,7 +36,7 @@ class LoopConfig:
 
 
 def _any_rank(flag: bool) -> bool:
-    from encoder.distributed import all_reduce_max
+    from ov2.distributed import all_reduce_max
 
     return all_reduce_max(1.0 if flag else 0.0) > 0
 

@@ -1,8 +1,8 @@
 """Linear cross-entropy benchmark: median forward+backward time and peak memory of each method, as ratios to eager.
 
-    python -m benchmarks.kernels                 # full grid (CPU: ~30-40 min on 2 cores); also `ov2 bench kernels`
-    python -m benchmarks.kernels --quick         # caption shape at N=8192 only (CPU: ~3 min)
-    python -m benchmarks.kernels --methods ours,cce --ns 4096
+    python -m benchmarks.bench.kernels           # full grid (CPU: ~30-40 min on 2 cores); also `ov2 bench kernels`
+    python -m benchmarks.bench.kernels --quick         # caption shape at N=8192 only (CPU: ~3 min)
+    python -m benchmarks.bench.kernels --methods ours,cce --ns 4096
 
 Shapes: hidden [N, D] (N tokens, D width), weight [V, D] (V vocab): the caption head (D=768, V=32,000,
 N = 4k..32k) and the bridge head (D=576, V=49,152, SmolLM2). Each (method, shape) runs in its own fresh
@@ -31,10 +31,9 @@ import subprocess
 import sys
 import time
 
-from encoder.core.runfolder import peak_rss_mb
+from benchmarks.bench.results import RESULTS, ROOT
+from ov2.runfolder import peak_rss_mb
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 SHAPES = {"caption": (768, 32000), "bridge": (576, 49152)}
 DEFAULT_NS = {"caption": [4096, 8192, 16384, 32768], "bridge": [4096, 8192]}
 CPU_METHODS = ["eager", "compile", "torch_lce", "chunk_loop", "cce", "ours"]
@@ -120,7 +119,8 @@ def run_one(method: str, n: int, d: int, v: int, dtype: str, repeats: int, devic
 
 
 def _child(method, n, d, v, args) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.kernels", "--one", method, "--n", str(n), "--d", str(d), "--v", str(v),
+    cmd = [sys.executable, "-m", "benchmarks.bench.kernels", "--one", method, "--n", str(n), "--d", str(d),
+           "--v", str(v),
            "--dtype", args.dtype, "--repeats", str(args.repeats), "--device", args.device]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:

@@ -3,12 +3,12 @@
     ov2 eval runs/llava/model --tasks ov2_gqa,ov2_pope --out runs/eval                # built-in suite
     ov2 eval runs/llava/model --tasks ov2_gqa --limit 20 --out /tmp/smoke             # CPU smoke (20 questions)
     ov2 eval llava-1.5-7b-hf/ --tasks pope,gqa --out runs/eval7b                      # lmms-eval tasks, data cached
-    torchrun --nproc_per_node 8 -m benchmarks.evaluate MODEL --tasks ov2_gqa --out runs/eval   # one process per GPU
+    torchrun --nproc_per_node 8 -m benchmarks.evals.evaluate MODEL --tasks ov2_gqa --out runs/eval   # per GPU
 
 Under torchrun each process holds the model (cuda:LOCAL_RANK, or the CPU) and lmms-eval's torchrun backend shares
 every task's questions among them and gathers the answers on rank 0, which alone writes OUT.
 
-Built-in tasks (benchmarks/suite; their YAMLs in benchmarks/tasks) read their data from DATA/<task> and build it
+Built-in tasks (evals/suite; their YAMLs in evals/tasks) read their data from DATA/<task> and build it
 there when it is missing (DATA defaults to OUT/data). Any other name is an lmms-eval task; its data must be in the
 Hugging Face cache (nothing is downloaded). Each task runs in its own `simple_evaluate` call (a crash raises, it
 does not exit 0), so one failing task (missing data, an lmms-eval ERROR, mostly empty answers) leaves the others.
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.suite.tasks import TASKS, is_mean_metric
+from benchmarks.evals.suite.tasks import TASKS, is_mean_metric
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
@@ -127,7 +127,7 @@ def _prediction(sample: dict) -> str:
 
 def _scores_entry(name: str, result: dict, samples: list[dict]) -> tuple[dict, list[dict]]:
     """(scores.json entry, our sample lines) from lmms-eval's results of one task."""
-    from benchmarks.suite import metrics as suite_metrics
+    from benchmarks.evals.suite import metrics as suite_metrics
 
     spec = TASKS.get(name)
     if spec is not None:
@@ -171,7 +171,7 @@ def run_task(lm, name: str, data_dir: Path, out: Path, limit: int | None, task_m
     from lmms_eval.loggers import EvaluationTracker
     from loguru import logger
 
-    from encoder import distributed as dist
+    from ov2 import distributed as dist
 
     errors: list[str] = []
     sink = logger.add(lambda m: errors.append(m.record["message"].strip().splitlines()[0]), level="ERROR")
@@ -225,8 +225,8 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
     Under torchrun every rank answers its share of each task; rank 0 builds missing data and owns OUT."""
     import contextlib
 
-    from encoder import distributed as dist
-    from encoder.core.runfolder import RunLock, track
+    from ov2 import distributed as dist
+    from ov2.runfolder import RunLock, track
 
     model_dir, out = Path(model_dir), Path(out)
     data_dir = Path(data_dir) if data_dir is not None else out / "data"
@@ -270,7 +270,7 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
 
 def _build_data(tasks: list[str], data_dir: Path) -> dict[str, str]:
     """Build the built-in tasks' missing data -> {task: why it could not be built}."""
-    from benchmarks.suite.build import build_task, has_data
+    from benchmarks.evals.suite.build import build_task, has_data
 
     errors = {}
     for name in tasks:
@@ -285,8 +285,8 @@ def _build_data(tasks: list[str], data_dir: Path) -> dict[str, str]:
 def _one(lm, name: str, data_dir: Path, out: Path, limit, task_manager, progress: bool,
          missing: str | None = None) -> dict | None:
     """One task's scores.json entry (None on a torchrun rank other than 0)."""
-    from benchmarks.suite.build import has_data
-    from encoder import distributed as dist
+    from benchmarks.evals.suite.build import has_data
+    from ov2 import distributed as dist
 
     start = time.time()
     spec = TASKS.get(name)
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (llava_hf: 1)")
     parser.add_argument("--force", action="store_true", help="replace earlier results in OUT")
     args = parser.parse_args(argv)
-    from encoder.core.runfolder import RunLocked
+    from ov2.runfolder import RunLocked
 
     try:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

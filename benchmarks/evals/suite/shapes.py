@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from benchmarks.suite.common import balanced, heldout_scenes, interleave, lettered, quotas
+from benchmarks.evals.suite.common import balanced, heldout_scenes, interleave, lettered, quotas
 from bridge.data import YESNO, an
 
 MIN_GROUPS = 2

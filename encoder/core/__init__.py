@@ -1,1 +1,0 @@
-"""Machinery shared by every stage: the run-folder contract (status, key, lock, metrics)."""

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from encoder.cli import fail
+from ov2.cli import fail
 
 
 def parse_train(argv: list[str]):

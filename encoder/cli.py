@@ -7,10 +7,11 @@ Exit codes (every sub-command): 0 ok; 2 bad usage, config or input (one line on 
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import warnings
+
+from ov2.cli import fail, os_error
 
 TRAIN_EPILOG = """
 overrides: any config key as --key=value, by dotted path or by a unique leaf name, e.g.
@@ -24,21 +25,6 @@ examples:
 a resume may change only bookkeeping (log_every, ckpt_every, keep_last, data.workers, ...) and add steps.
 presets: {presets}
 """
-
-
-def fail(prog: str, message: str, code: int = 2) -> int:
-    """One line on stderr; the exit code (2: bad usage, config or input; 1: a failure while running)."""
-    line = (str(message).strip().splitlines() or ["error"])[0]
-    print(f"{prog}: error: {line}", file=sys.stderr)
-    return code
-
-
-def _os_error(prog: str, err: OSError) -> int:
-    if err.errno == errno.ENOSPC:
-        return fail(prog, f"no space left on the device ({err.filename or 'writing the run folder'})")
-    if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return fail(prog, f"cannot write {err.filename}: {err.strerror}")
-    return fail(prog, f"{err.strerror or err}: {err.filename}" if err.filename else str(err), 1)
 
 
 def train_main(argv: list[str]) -> int:
@@ -73,7 +59,7 @@ def train_main(argv: list[str]) -> int:
     except (ConfigError, RunLocked, FileNotFoundError, NotADirectoryError) as err:
         return fail(prog, err)
     except OSError as err:
-        return _os_error(prog, err)
+        return os_error(prog, err)
     except Exception as err:
         from encoder.data.loader import DataError
         from encoder.train import TrainingStopped
@@ -141,7 +127,7 @@ def data_main(argv: list[str]) -> int:
     except ValueError as err:
         return fail(prog, err)
     except OSError as err:
-        return _os_error(prog, err)
+        return os_error(prog, err)
     print(f"wrote {args.n} samples in {len(paths)} shards to {args.out}")
     return 0
 
@@ -189,23 +175,3 @@ def caption_main(argv: list[str]) -> int:
     for path, ids in zip(args.images, model.generate(torch.stack(images), args.max_len)):
         print(f"{path}\t{tokenizer.decode(ids)}")
     return 0
-
-
-COMMANDS = {"train": (train_main, "pretrain an encoder from a preset (ov2-*, ov1-*, clip-*)"),
-            "data": (data_main, "make training data (built-in synthetic scenes -> shards)"),
-            "caption": (caption_main, "greedy captions of images with a trained OpenVision 2 checkpoint")}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m encoder {train,data,caption} ...`; each sub-command parses its own arguments."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m encoder", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", metavar="{" + ",".join(COMMANDS) + "}")
-    for name, (_, help_) in COMMANDS.items():
-        sub.add_parser(name, help=help_, add_help=False)
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
-        return 0 if argv else 2
-    if argv[0] not in COMMANDS:
-        return fail("python -m encoder", f"unknown command {argv[0]!r}; choose from: {', '.join(COMMANDS)}")
-    return COMMANDS[argv[0]][0](argv[1:])

@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args(argv)
     from encoder.checkpoint import load_model, resolve
-    from encoder.cli import fail
     from encoder.config import ConfigError
+    from ov2.cli import fail
 
     prog = "ov2 eval-encoder"
     if args.n_train < 10 or args.n_test < 10 or args.batch < 1:

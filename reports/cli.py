@@ -12,8 +12,9 @@ plots as data URIs. A report written by ov2 is replaced; any other existing file
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+
+from ov2.cli import fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = build_report(args.run, out=args.out, compare=args.compare, force=args.force)
     except BadRunFolder as err:
-        print(f"ov2 report: error: {err}", file=sys.stderr)
-        return 2
+        return fail("ov2 report", err)
     except OSError as err:  # e.g. --out in a folder we may not write
-        print(f"ov2 report: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
-        return 2
+        return fail("ov2 report", f"{err.filename or ''}: {err.strerror or err}")
     size_kb = out.stat().st_size / 1024
     print(f"wrote {out} ({size_kb:,.0f} KB in {time.perf_counter() - start:.1f} s)")
     return 0

@@ -14,7 +14,6 @@ Writes NAME.md and NAME.json (default benchmarks/results/bridge_step_cpu) and ne
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench.results import RESULTS
+from benchmarks.bench.results import RESULTS, OutputExists, check_writable, write_results
+from ov2.cli import fail
 
 
 def cpu_flags() -> str:
@@ -103,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    prog = "ov2 bench bridge"
     if min(args.batch, args.steps, args.repeats) < 1:
-        print("ov2 bench bridge: --batch, --steps and --repeats must be at least 1", file=sys.stderr)
-        return 2
-    if not args.force and (out.with_suffix(".md").exists() or out.with_suffix(".json").exists()):
-        print(f"ov2 bench bridge: {out}.md already exists: pass --force to replace it", file=sys.stderr)
-        return 2
+        return fail(prog, "--batch, --steps and --repeats must be at least 1")
+    try:
+        check_writable(str(out.parent), out.name, args.force, ("json", "md"))
+    except OutputExists as err:
+        return fail(prog, err)
     import torch
 
     from ov2.config import ConfigError
@@ -116,16 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = measure(args.encoder, args.llm, args.batch, args.steps, args.repeats)
     except (ConfigError, FileNotFoundError) as err:
-        print(f"ov2 bench bridge: {err}", file=sys.stderr)
-        return 2
+        return fail(prog, err)
     meta = {"encoder": args.encoder, "llm": args.llm, "batch": args.batch, "flags": cpu_flags(),
             "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "command": "ov2 bench bridge " + " ".join(argv or sys.argv[1:])}
     text = table(rows, meta)
     print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_results(str(out.parent), out.name, rows, text, args.force, formats=("json", "md"), meta=meta)
     return 0
 
 

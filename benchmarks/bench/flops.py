@@ -29,6 +29,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench.results import RESULTS, OutputExists, check_writable, markdown_table, write_results
+from encoder.config import FAMILIES
+from ov2.cli import fail
 
 PRESETS = ("b16", "l14", "so400m14", "h14", "g14")
 # The paper's forward GFLOPs per image (OpenVision 2, arXiv 2509.01644); SoViT-400M "@384" is our 378 px
@@ -112,7 +114,7 @@ def count_model(model, cfg, family: str, image_size: int, text_passes: int = 1) 
     return {"total": total, "attention": attention, "decoder_image_tokens": decoder_tokens, **parts}
 
 
-def count_all(presets=PRESETS, families=("ov2", "ov1", "clip"), progress: bool = True) -> list[dict]:
+def count_all(presets=PRESETS, families=FAMILIES, progress: bool = True) -> list[dict]:
     """One record per family, preset, stage resolution (and, for OV1, text passes 2 = as trained, 1 = paper)."""
     from tqdm import tqdm
 
@@ -175,18 +177,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the records as one JSON list (for scripts)")
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma list of sizes (default all)")
-    parser.add_argument("--families", default="ov2,ov1,clip", help="comma list (default ov2,ov1,clip)")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list (default: all of them)")
     parser.add_argument("--save", action="store_true", help="also write cost_flops.csv and cost_flops.md to --out")
     parser.add_argument("--out", default=RESULTS, help="folder for --save (default benchmarks/results)")
     parser.add_argument("--force", action="store_true", help="with --save: overwrite existing result files")
     args = parser.parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
     families = [f for f in args.families.split(",") if f]
-    bad = [p for p in presets if p not in PRESETS] + [f for f in families if f not in ("ov2", "ov1", "clip")]
+    bad = [p for p in presets if p not in PRESETS] + [f for f in families if f not in FAMILIES]
     if bad or not presets or not families:
-        print(f"ov2 bench flops: unknown preset or family {bad[0] if bad else '(none given)'!r}; presets: "
-              f"{', '.join(PRESETS)}; families: ov2, ov1, clip", file=sys.stderr)
-        return 2
+        return fail("ov2 bench flops", f"unknown preset or family {bad[0] if bad else '(none given)'!r}; presets: "
+                                       f"{', '.join(PRESETS)}; families: {', '.join(FAMILIES)}")
     try:
         if args.save:
             check_writable(args.out, "cost_flops", args.force)
@@ -199,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = write_results(args.out, "cost_flops", records, render(records), args.force)
             print("wrote " + ", ".join(paths), file=sys.stderr)
     except OutputExists as err:
-        print(f"ov2 bench flops: {err}", file=sys.stderr)
-        return 2
+        return fail("ov2 bench flops", err)
     return 0
 
 

@@ -31,7 +31,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks.bench.results import RESULTS, ROOT
+from benchmarks.bench.results import RESULTS, ROOT, OutputExists, check_writable, write_results
+from ov2.cli import fail
 from ov2.runfolder import peak_rss_mb
 
 SHAPES = {"caption": (768, 32000), "bridge": (576, 49152)}
@@ -173,6 +174,7 @@ def _parse(argv):
     p.add_argument("--max-eager-n", type=int, default=32768, help="skip eager/compile/torch_lce above this N")
     p.add_argument("--out", default=None, help="results stem (default benchmarks/results/kernels_<device>)")
     p.add_argument("--append", action="store_true", help="merge into existing results (same method+shape: replace)")
+    p.add_argument("--force", action="store_true", help="replace existing results")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--d", type=int, help=argparse.SUPPRESS)
@@ -198,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
             if args.device == "cpu" else torch.cuda.get_device_name()}
     stem = args.out or os.path.join(RESULTS, f"kernels_{args.device}")
+    try:
+        check_writable(os.path.dirname(stem), os.path.basename(stem), args.force or args.append, ("json", "md"))
+    except OutputExists as err:
+        return fail("ov2 bench kernels", err)
     rows = []
     if args.append and os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
@@ -222,11 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _save(stem: str, rows: list[dict], meta: dict) -> None:
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    with open(stem + ".md", "w") as f:
-        f.write(to_markdown(rows, meta))
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_results(os.path.dirname(stem), os.path.basename(stem), rows, to_markdown(rows, meta), True,
+                  formats=("json", "md"), meta=meta)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 from benchmarks.bench.results import RESULTS, ROOT, OutputExists, check_writable, markdown_table, write_results
+from ov2.cli import fail
 
 # A CPU size: ViT-Ti/16 with a decoder / text encoder of 2/3 its width and half its depth (the L/14 pairing,
 # scaled down). Its forward FLOPs keep the L/14 proportions: OV1 (two text passes) / OV2 = 1.32 (L/14: 1.37).
@@ -213,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--batch, --steps, --rounds and --headroom-step must be at least 1, --warmup at least 0")
         check_writable(args.out, name, args.force)
     except (ConfigError, OutputExists) as err:
-        print(f"ov2 bench train: {err}", file=sys.stderr)
-        return 2
+        return fail("ov2 bench train", err)
     cap = args.cap_mib or (None if device == "cuda" else 1024.0)
     started = time.time()
     rows: dict[str, dict] = {}
@@ -225,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in tqdm(jobs, desc="measuring", dynamic_ncols=True):
         result = run_worker(spec_of(v, args))
         if result.get("oom"):
-            print(f"ov2 bench train: {v['name']} ran out of memory at batch {args.batch}: lower --batch",
-                  file=sys.stderr)
-            return 1
+            return fail("ov2 bench train", f"{v['name']} ran out of memory at batch {args.batch}: lower --batch", 1)
         times.setdefault(v["name"], []).extend(result["step_s"])
         step = statistics.median(times[v["name"]])
         old = rows.get(v["name"], {})

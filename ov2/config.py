@@ -3,11 +3,15 @@
     cfg = apply_overrides(cfg, ["--model.keep_ratio=0.25", "--stages.0.steps=50", "--seed=3"])
     cfg = apply_tree(cfg, {"model": {"vit": {"width": 64}}, "stages": [{"steps": 5}]})   # YAML, nested
     tree = read_yaml(path)                   # a mapping, or ConfigError
+    exp = build(Experiment, tree)            # a whole dataclass tree from a YAML mapping (defaults for the rest)
+    flatten({"model": {"vit": {"width": 64}}})   # -> {"model.vit.width": 64}
 
 A key is a dotted path (`model.vit.width`, `stages.1.lr`) or a leaf name that is unique in the tree (`keep_ratio`).
 Values are checked against the field's declared type (bool, int, float, str, optional); non-finite numbers, lists
 or mappings given for a number or a string, and unknown keys are ConfigError, which every command prints as one
-line and exits 2. A list of dataclasses (stages) is resized from YAML: new items copy the last one.
+line and exits 2. A list of dataclasses (stages) is resized from YAML: new items copy the last one. `build` makes a
+dataclass from a mapping by its declared types: nested dataclasses, `list[X]`, `dict[str, X]` (e.g. named encoders),
+plain `dict` (any mapping, checked later by its reader) and scalars as above.
 """
 
 from __future__ import annotations
@@ -160,6 +164,57 @@ def apply_tree(cfg: Any, tree: dict) -> Any:
     cfg = copy.deepcopy(cfg)
     _merge(cfg, tree)
     return cfg
+
+
+def _at(where: str, key) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def build(tp: Any, data: Any, where: str = "") -> Any:
+    """An object of the declared type `tp` from a YAML value; ConfigError naming the place (`where`) otherwise.
+
+    A dataclass comes from a mapping of its fields (unknown keys refused, fields left out keep their defaults);
+    `list[X]` from a list, `dict[str, X]` from a mapping (each value built as X; a plain `dict` takes any mapping);
+    `X | None` also takes null; scalars go through `coerce`."""
+    tp, optional = _unwrap_optional(tp)
+    if data is None and optional:
+        return None
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    if tp is Any:
+        return data
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or tp.__name__}: expected a mapping, got {data!r}")
+        hints = typing.get_type_hints(tp)
+        names = sorted(f.name for f in dataclasses.fields(tp) if f.init)
+        unknown = sorted(str(k) for k in data if k not in names)
+        if unknown:
+            raise ConfigError(f"{where + ': ' if where else ''}unknown key {unknown[0]!r}; known: {', '.join(names)}")
+        return tp(**{k: build(hints[k], v, _at(where, k)) for k, v in data.items()})
+    if origin is list:
+        if not isinstance(data, list):
+            raise ConfigError(f"{where}: expected a list, got {data!r}")
+        return [build(args[0], v, _at(where, i)) if args else v for i, v in enumerate(data)]
+    if origin is dict:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        return {str(k): build(args[1], v, _at(where, k)) if args else v for k, v in data.items()}
+    return coerce(data, tp, where)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A mapping of config keys, nested or dotted, as {dotted key: value}; a list value is a ConfigError (give its
+    items as `stages.0.steps`, ...), as each value must fit one `--key=value`."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        elif isinstance(value, list):
+            raise ConfigError(f"{path}: give list items one by one ({path}.0..., {path}.1...), not a list")
+        else:
+            out[path] = value
+    return out
 
 
 def read_yaml(path: str) -> dict:

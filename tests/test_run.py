@@ -38,7 +38,7 @@ def experiment(tiny_llm: str, **encoders) -> dict:
         "pretrain": {"stages.0.steps": 4, "stages.1.steps": 2, "ckpt_every": 2},
         "encoders": encoders or {"a": {"preset": "ov2-micro"}, "b": {"preset": "clip-micro"}},
         "bridge": {"llm": tiny_llm, "overrides": {"stage1.steps": 2, "stage2.steps": 6, "stage1.batch_size": 2,
-                                                  "stage2.batch_size": 2, "stage2.save_every": 1,
+                                                  "stage2.batch_size": 2, "stage2.ckpt_every": 1,
                                                   "eval_samples": 0}},
         "eval": {"tasks": ["ov2_gqa", "ov2_pope"], "limit": 3},
         "encoder_eval": {"n_train": 40, "n_test": 20, "baseline": False},

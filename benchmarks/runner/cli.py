@@ -84,21 +84,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.runner import results
     from benchmarks.runner.execute import execute
-    from benchmarks.runner.experiment import ExperimentError, load, to_dict
+    from benchmarks.runner.experiment import load, to_dict
     from benchmarks.runner.plan import build_plan
+    from ov2.cli import fail, os_error
+    from ov2.config import ConfigError
     from ov2.runfolder import RunLock, RunLocked
 
+    prog = "ov2 run"
     try:
         exp = load(args.experiment, quick=args.quick)
-    except ExperimentError as err:
-        print(f"ov2 run: error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out or f"runs/{exp.name}{'-quick' if args.quick else ''}").absolute()
-    problem = _check_out(out, args.force)
-    if problem:
-        print(f"ov2 run: error: {problem}", file=sys.stderr)
-        return 2
-    stages = build_plan(exp, out)
+        out = Path(args.out or f"runs/{exp.name}{'-quick' if args.quick else ''}").absolute()
+        problem = _check_out(out, args.force)
+        if problem:
+            return fail(prog, problem)
+        stages = build_plan(exp, out)  # checks every override on its stage's real config
+    except ConfigError as err:  # an ExperimentError too
+        return fail(prog, err)
     if args.dry_run:
         for i, st in enumerate(stages):
             print(f"{i + 1:>3}  {st.id:<28} key {st.key}  {' '.join(st.command)}")
@@ -108,11 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lock = RunLock(out).__enter__()
     except RunLocked as err:
-        print(f"ov2 run: error: {err}", file=sys.stderr)
-        return 2
+        return fail(prog, err)
     except OSError as err:
-        print(f"ov2 run: error: cannot write to {out}: {err.strerror}", file=sys.stderr)
-        return 2
+        return fail(prog, f"cannot write to {out}: {err.strerror}")
     try:
         (out / "experiment.yaml").write_text(yaml.safe_dump(to_dict(exp), sort_keys=False))
         info = {"experiment": exp.name, "experiment_file": str(Path(args.experiment).absolute()), "quick": args.quick,
@@ -149,5 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ov2 run: {len(failures)} failed, {skipped} skipped of {len(stages)} stages", file=sys.stderr)
             return 1
         return 0
+    except OSError as err:  # a full disk or a run folder we may not write (the stages record their own failures)
+        return os_error(prog, err)
     finally:
         lock.__exit__(None, None, None)

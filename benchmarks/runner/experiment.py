@@ -15,7 +15,10 @@
     encoder_eval: {enabled: true, n_train: 2000, n_test: 1000}
     quick: {eval: {limit: 8}, bridge: {overrides: {stage2.steps: 10}}}   # deep-merged over the rest by --quick
 
-Every mistake (unknown key, wrong type, an encoder with no source or two) is an ExperimentError: one line, exit 2.
+Read with the one config engine (`ov2.config.build`); every mistake (unknown key, wrong type, an encoder with no
+source or two) is an ExperimentError (a ConfigError): one line, exit 2. `pretrain:`, an encoder's `overrides:` and
+`bridge.overrides:` are checked against the real pretraining and bridge configs when the plan is built
+(benchmarks/runner/plan.py), so `ov2 run EXP --dry-run` catches a bad key or value before anything runs.
 """
 
 from __future__ import annotations
@@ -23,20 +26,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-SUITE_TASKS = ("ov2_textvqa", "ov2_chartqa", "ov2_ocrbench", "ov2_mme", "ov2_seed", "ov2_sqa", "ov2_gqa", "ov2_pope",
-               "ov2_fashion")
+from benchmarks.evals.suite.tasks import TASKS
+from ov2.config import ConfigError, build
+
+SUITE_TASKS = tuple(TASKS)  # the built-in suite: eval.tasks when the file names none
 SOURCES = ("preset", "checkpoint", "transformers", "openvision")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(ConfigError):
     """A bad experiment file; printed as one line, exit code 2."""
 
 
@@ -47,7 +50,7 @@ class EncoderSpec:
     checkpoint: str | None = None  # one of our run or checkpoint folders
     transformers: str | None = None  # a local transformers vision-model folder
     openvision: str | None = None  # a local OpenVision release folder (open_clip layout)
-    overrides: dict = field(default_factory=dict)  # pretraining --key=value overrides (preset encoders)
+    overrides: dict = field(default_factory=dict)  # pretraining config keys (preset encoders), over `pretrain:`
     label: str = ""  # display name in the report (default: the name)
 
     @property
@@ -68,7 +71,7 @@ class BridgeRecipe:
 
 @dataclass
 class EvalSpec:
-    tasks: list = field(default_factory=lambda: list(SUITE_TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     limit: int | None = None  # questions per task (None: the task's default size)
 
 
@@ -83,50 +86,16 @@ class EncoderEvalSpec:
 @dataclass
 class Experiment:
     name: str = "experiment"
-    encoders: list = field(default_factory=list)  # [EncoderSpec]; a mapping name -> spec in the file
-    pretrain: dict = field(default_factory=dict)
+    encoders: dict[str, EncoderSpec] = field(default_factory=dict)  # name -> spec, in the file's order
+    pretrain: dict = field(default_factory=dict)  # pretraining config keys for every preset encoder
     bridge: BridgeRecipe = field(default_factory=BridgeRecipe)
     eval: EvalSpec = field(default_factory=EvalSpec)
     encoder_eval: EncoderEvalSpec = field(default_factory=EncoderEvalSpec)
-    seeds: list = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])
     nproc: int = 1
     paper: str | None = None
     report: bool = True
     quick: dict = field(default_factory=dict)
-
-
-def _check_type(value, tp, where: str):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        tp = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(tp)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    expected = origin or tp
-    if expected is bool and not isinstance(value, bool) or expected is int and (
-            not isinstance(value, int) or isinstance(value, bool)) or not isinstance(value, expected):
-        raise ExperimentError(f"{where}: expected {getattr(expected, '__name__', expected)}, got {value!r}")
-    return value
-
-
-def _build(cls, data, where: str):
-    if not isinstance(data, dict):
-        raise ExperimentError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ExperimentError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(names))}")
-    kwargs = {}
-    for key, value in data.items():
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _check_type(value, tp, f"{where}.{key}")
-    return cls(**kwargs)
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -144,31 +113,33 @@ def from_dict(tree: dict, quick: bool = False) -> Experiment:
     if not isinstance(tree, dict):
         raise ExperimentError("an experiment file must hold a mapping (name, encoders, bridge, eval, ...)")
     if quick:
+        if not isinstance(tree.get("quick") or {}, dict):
+            raise ExperimentError(f"quick: expected a mapping, got {tree['quick']!r}")
         tree = merge({k: v for k, v in tree.items() if k != "quick"}, tree.get("quick") or {})
     encoders = tree.get("encoders")
     if not isinstance(encoders, dict) or not encoders:
         raise ExperimentError("encoders: give at least one, as a mapping name -> {preset|checkpoint|transformers|"
                               "openvision: ...}")
-    exp = _build(Experiment, {k: v for k, v in tree.items() if k != "encoders"}, "experiment")
-    for name, spec in encoders.items():
-        name = str(name)
+    try:
+        exp = build(Experiment, {**tree, "encoders": {name: spec or {} for name, spec in encoders.items()}})
+    except ConfigError as err:
+        raise ExperimentError(str(err)) from None
+    for name, enc in exp.encoders.items():
         if not NAME.match(name):
             raise ExperimentError(f"encoders: name {name!r} must be letters, digits, '_', '-' or '.' (64 at most)")
-        enc = _build(EncoderSpec, spec or {}, f"encoders.{name}")
         enc.name, enc.label = name, enc.label or name
         given = [s for s in SOURCES if getattr(enc, s)]
         if len(given) != 1:
             raise ExperimentError(f"encoders.{name}: give exactly one of {', '.join(SOURCES)} (got {given or 'none'})")
         if enc.overrides and enc.source != "preset":
             raise ExperimentError(f"encoders.{name}: overrides apply to preset encoders only")
-        exp.encoders.append(enc)
     if not NAME.match(exp.name):
         raise ExperimentError(f"name {exp.name!r} must be letters, digits, '_', '-' or '.'")
-    if not exp.seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in exp.seeds):
+    if not exp.seeds or min(exp.seeds) < 0:
         raise ExperimentError(f"seeds: expected a non-empty list of non-negative integers, got {exp.seeds!r}")
     if exp.nproc < 1:
         raise ExperimentError(f"nproc must be at least 1, got {exp.nproc}")
-    if not exp.eval.tasks or not all(isinstance(t, str) and t for t in exp.eval.tasks):
+    if not exp.eval.tasks or not all(exp.eval.tasks):
         raise ExperimentError(f"eval.tasks: expected a non-empty list of task names, got {exp.eval.tasks!r}")
     if exp.eval.limit is not None and exp.eval.limit < 1:
         raise ExperimentError(f"eval.limit must be at least 1, got {exp.eval.limit}")
@@ -194,6 +165,6 @@ def load(path: str | Path, quick: bool = False) -> Experiment:
 
 def to_dict(exp: Experiment) -> dict:
     tree = dataclasses.asdict(exp)
-    tree["encoders"] = {e["name"]: {k: v for k, v in e.items() if k != "name" and v not in (None, {}, "")}
-                        for e in tree["encoders"]}
+    tree["encoders"] = {name: {k: v for k, v in e.items() if k != "name" and v not in (None, {}, "")}
+                        for name, e in tree["encoders"].items()}
     return tree

@@ -6,6 +6,12 @@ encoder_eval (Fashion-MNIST probe and zero-shot). A stage's key hashes its own s
 changing one encoder's config changes the keys of that encoder's stages only.
 
     RUN/encoders/<encoder>/<stage>/     status.json, stage.json (key, command), stage.log, the stage's own files
+
+Building the plan checks every override against the real config it is meant for: `pretrain:` then the encoder's
+`overrides:` on its preset's TrainConfig (encoder.config), `bridge.overrides:` on the BridgeConfig (bridge.config),
+each followed by that config's `validate`. An unknown key, a bad type or value, an unknown preset or a key the runner
+sets itself is a ConfigError naming its place (`bridge.overrides: unknown config key 'stage2.lrr'`), before anything
+runs. The checked values go to each stage's command as `--key=value`, the way the stage reads them.
 """
 
 from __future__ import annotations
@@ -16,9 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.runner.experiment import EncoderSpec, Experiment
+from ov2.config import ConfigError, flatten, resolve_key, set_value
 from ov2.runfolder import config_key
 
 OV2 = [sys.executable, "-m", "ov2"]
+# config fields the runner sets for a stage itself: never in an experiment's overrides
+RUNNER_SETS = {"pretrain": {"preset": "encoders.NAME.preset", "seed": "seeds"},
+               "bridge": {"encoder": "the encoder being bridged", "out": "the run folder", "llm": "bridge.llm",
+                          "seed": "seeds"}}
 
 
 @dataclass
@@ -38,11 +49,57 @@ class Stage:
         return f"{self.encoder}/{self.name}"
 
 
-def _args(overrides: dict) -> list[str]:
-    def text(v) -> str:
-        return ("true" if v else "false") if isinstance(v, bool) else "null" if v is None else str(v)
+def _text(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else "null" if v is None else str(v)
 
-    return [f"--{k}={text(v)}" for k, v in overrides.items()]
+
+def _args(overrides: dict) -> list[str]:
+    return [f"--{k}={_text(v)}" for k, v in overrides.items()]
+
+
+def _checked(cfg, where: str, tree: dict, runner_sets: dict[str, str]) -> dict:
+    """`tree` (nested or dotted keys) as {dotted key: value}, each applied to `cfg` in place as its stage will apply
+    it (the `--key=value` text); ConfigError naming `where` for an unknown key, a bad type, a key the runner sets."""
+    try:
+        flat = flatten(tree)
+        for key, value in flat.items():
+            path = resolve_key(cfg, key.replace("-", "_"))
+            if path in runner_sets:
+                raise ConfigError(f"{key}: set by the runner from {runner_sets[path]}, not an override")
+            set_value(cfg, path, _text(value))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return flat
+
+
+def pretrain_overrides(exp: Experiment, enc: EncoderSpec) -> dict:
+    """`pretrain:` then the encoder's `overrides:`, checked on its preset's config (ConfigError naming the place)."""
+    from encoder.config import get_preset, validate
+
+    try:
+        cfg = get_preset(enc.preset)
+    except ConfigError as err:
+        raise ConfigError(f"encoders.{enc.name}.preset: {err}") from None
+    merged = {**_checked(cfg, "pretrain", exp.pretrain, RUNNER_SETS["pretrain"]),
+              **_checked(cfg, f"encoders.{enc.name}.overrides", enc.overrides, RUNNER_SETS["pretrain"])}
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"encoders.{enc.name} ({enc.preset} with pretrain and overrides): {err}") from None
+    return merged
+
+
+def bridge_overrides(exp: Experiment, encoder: str, out: Path) -> dict:
+    """`bridge.overrides:`, checked on the BridgeConfig its stage will build (ConfigError naming the place)."""
+    from bridge.config import BridgeConfig, validate
+
+    cfg = BridgeConfig(encoder=encoder, out=str(out), llm=exp.bridge.llm)
+    overrides = _checked(cfg, "bridge.overrides", exp.bridge.overrides, RUNNER_SETS["bridge"])
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"bridge.overrides: {err}") from None
+    return overrides
 
 
 def _source_key(path: str) -> str:
@@ -80,7 +137,7 @@ def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path)
 
     ours_path, src_key, upstream, tower_deps = None, "", [], []
     if enc.source == "preset":
-        overrides = {**exp.pretrain, **enc.overrides, "seed": seed}
+        overrides = {**pretrain_overrides(exp, enc), "seed": seed}
         key = config_key("pretrain", enc.preset, overrides, exp.nproc)
         pre = add("pretrain", key, pretrain_command(exp, overrides, enc.preset, root / "pretrain", False), [],
                   resumable=True)
@@ -94,11 +151,11 @@ def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path)
     else:
         path = enc.transformers or enc.openvision
         tower, tower_key = os.path.abspath(path), _source_key(path)
-    bridge_overrides = {**exp.bridge.overrides, "seed": seed}
-    bridge = add("bridge", config_key("bridge", exp.bridge.llm, bridge_overrides, tower_key, exp.nproc),
+    bridge_args = {**bridge_overrides(exp, tower, root / "bridge"), "seed": seed}
+    bridge = add("bridge", config_key("bridge", exp.bridge.llm, bridge_args, tower_key, exp.nproc),
                  [*launch(exp, "bridge train", "bridge train"), "--encoder", tower, "--llm", exp.bridge.llm,
                   "--out", str(root / "bridge"),
-                  *_args(bridge_overrides)], tower_deps, resumable=True)
+                  *_args(bridge_args)], tower_deps, resumable=True)
     ev = exp.eval
     add("eval", config_key("eval", ev.tasks, ev.limit, bridge.key),
         [*launch(exp, "eval", "benchmarks.evals.evaluate"), str(bridge.folder / "model"), "--tasks", ",".join(ev.tasks),
@@ -115,5 +172,7 @@ def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path)
 
 
 def build_plan(exp: Experiment, run_dir: Path) -> list[Stage]:
-    """Every stage of the experiment in the order it runs: encoder by encoder, seed by seed."""
-    return [st for seed in exp.seeds for enc in exp.encoders for st in _encoder_stages(exp, enc, seed, Path(run_dir))]
+    """Every stage of the experiment in the order it runs: encoder by encoder, seed by seed; ConfigError for a bad
+    override (nothing is created)."""
+    return [st for seed in exp.seeds for enc in exp.encoders.values()
+            for st in _encoder_stages(exp, enc, seed, Path(run_dir))]

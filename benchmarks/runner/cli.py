@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.runner import results
     from benchmarks.runner.execute import execute
     from benchmarks.runner.experiment import load, to_dict
-    from benchmarks.runner.plan import build_plan
+    from benchmarks.runner.plan import OV2, build_plan
     from ov2.cli import fail, os_error
     from ov2.config import ConfigError
     from ov2.runfolder import RunLock, RunLocked
@@ -134,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + results.pivot_text(table) + "\n")
         failures = [(sid, s) for sid, s in statuses.items() if s.get("state") == "failed"]
         if exp.report and not args.no_report:
-            try:
-                from reports.render import build_report
-
-                print(f"report: {build_report(out)}")
-            except Exception as err:  # the results are on disk; a report problem must not hide them
-                failures.append(("report", {"error": f"{type(err).__name__}: {err}"}))
+            # `ov2 report` in a process of its own, as every stage: the runner imports no report code, and a report
+            # problem is one failure line beside results that are already on disk
+            done = subprocess.run([*OV2, "report", str(out)], capture_output=True, text=True)
+            if done.returncode == 0:
+                print(f"report: {out / 'report' / 'index.html'}")
+            else:
+                error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+                failures.append(("report", {"error": error.removeprefix("ov2 report: error: ")}))
         print(f"results: {out / 'results.csv'}")
         for sid, s in failures:
             print(f"FAILED {sid}: {s.get('error')}", file=sys.stderr)

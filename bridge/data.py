@@ -8,11 +8,13 @@ Built-in sets are drawn from `encoder.data.synth.make_scene(seed, index)`: every
 (seed, index), so train and held-out splits come from disjoint seeds (TRAIN_SEED, HELDOUT_SEED).
     stage 1 (`SynthCaptions`): describe-the-image prompt -> the scene caption
     stage 2 (`SynthInstructions`): short answers, yes/no, multiple choice, counting, reading text, chart values,
-            in every answer format the built-in benchmark suite asks for (evals.suite), with its prompt suffixes
+            in every answer format the built-in benchmark suite (benchmarks.evals.suite) asks for, with its prompt
+            suffixes
 The kind "fashion" (add it to `kinds`, e.g. `--synth_kinds=shapes,text,chart,fashion`) mixes in Fashion-MNIST
 train images: captions from encoder.data.fashion_mnist, and "which item of clothing" questions.
-Both skip every scene that `is_heldout` marks (held-out (colour, shape), (word, colour) and (bar colour, bar
-count) combinations): those scenes are reserved for the benchmark suite, so no suite image is ever trained on.
+Both skip every scene that `encoder.data.synth.is_heldout` marks (held-out (colour, shape), (word, colour) and
+(bar colour, bar count) combinations): those scenes are reserved for the benchmark suite, so no suite image is ever
+trained on. The prompt suffixes (SHORT, LETTER, YESNO) are the suite's own (benchmarks.evals.suite.prompts).
 """
 
 from __future__ import annotations
@@ -25,18 +27,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from benchmarks.evals.suite.prompts import LETTER, SHORT, YESNO
 from bridge.processor import IGNORE, encode_conversation
+from encoder.data.synth import COLOURS, POSITIONS, SHAPES, Scene, an, is_heldout, make_scene, where
 
 TRAIN_SEED = 2024
 HELDOUT_SEED = 977_000_013
-SHORT = "\nAnswer the question using a single word or phrase."
-LETTER = "\nAnswer with the option's letter from the given choices directly."
-YESNO = " Please answer yes or no."
-TEXT_COLOURS = ("red", "blue", "black", "green", "purple")  # the colours encoder.data.synth writes words in
-CHART_COLOURS = ("blue", "red", "green", "orange", "purple")  # and fills bars with
-# (colour, shape) pairs no training scene contains: each colour once, each shape at least once
-HELDOUT_SHAPES = frozenset({("red", "star"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square"),
-                            ("orange", "triangle"), ("purple", "star"), ("black", "circle"), ("pink", "diamond")})
 CAPTION_PROMPTS = (
     "Describe the image briefly.",
     "What is in this picture?",
@@ -69,23 +65,9 @@ class LlavaJsonDataset(Dataset):
         return {"id": str(r.get("id", i)), "image": image, "conversations": r["conversations"]}
 
 
-def is_heldout(scene) -> bool:
-    """True for scenes reserved for evaluation: a held-out (colour, shape) group; a word in its held-out colour
-    ((word index + colour index) % 5 == 0); a chart whose (bar colour index + bar count) % 5 == 0. About a fifth
-    of text and chart scenes and a fifth of shape groups."""
-    from encoder.data.synth import WORDS
-
-    if scene.kind == "shapes":
-        return any((o["colour"], o["shape"]) in HELDOUT_SHAPES for o in scene.objects)
-    if scene.kind == "text":
-        return (WORDS.index(scene.meta["word"]) + TEXT_COLOURS.index(scene.meta["colour"])) % 5 == 0
-    return (CHART_COLOURS.index(scene.meta["colour"]) + len(scene.meta["values"])) % 5 == 0
-
-
 def fashion_scene(seed: int, index: int, size: int):
     """A Fashion-MNIST *train* image as a scene (kind "fashion", meta {"label"}); the suite uses the test split."""
     from encoder.data.fashion_mnist import describe, load_split, to_image
-    from encoder.data.synth import Scene
 
     images, labels = load_split("train")
     k = int(np.random.default_rng([seed, index, 4]).integers(len(labels)))
@@ -96,8 +78,6 @@ def fashion_scene(seed: int, index: int, size: int):
 def training_scene(seed: int, index: int, size: int, kinds) -> object:
     """The first scene at or after `index` (in steps of 1,000,003) that is not held out. The kind "fashion"
     (Fashion-MNIST train images) is drawn as often as each synthetic kind."""
-    from encoder.data.synth import make_scene
-
     kinds = tuple(kinds)
     if "fashion" in kinds:
         synthetic = tuple(k for k in kinds if k != "fashion")
@@ -134,11 +114,6 @@ def _plural(shape: str) -> str:
     return shape + "s"
 
 
-def an(word: str) -> str:
-    """"a red", "an orange"."""
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
 def choice_question(question: str, answer: str, distractors: list[str], rng: np.random.Generator) -> tuple[str, str]:
     """A lettered multiple-choice question (LLaVA's format) with the options shuffled -> (question, letter)."""
     options = [answer] + list(distractors)
@@ -147,18 +122,11 @@ def choice_question(question: str, answer: str, distractors: list[str], rng: np.
     return f"{question}\n{body}{LETTER}", "ABCDE"[options.index(answer)]
 
 
-def _where(position: str) -> str:
-    return "in the centre" if position == "centre" else f"on the {position}" if position in ("left", "right") \
-        else f"at the {position}"
-
-
 def shape_questions(objects: list[dict], rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """(type, question, answer) candidates about a shapes scene; only questions with one right answer.
 
     Formats: short answers (colour, shape, position, count), yes/no (plain and MME's "Please answer yes or no."),
     lettered multiple choice over colours, shapes, positions and counts."""
-    from encoder.data.synth import COLOURS, POSITIONS, SHAPES
-
     out = []
     shapes = [o["shape"] for o in objects]
     colours = [o["colour"] for o in objects]
@@ -186,8 +154,8 @@ def shape_questions(objects: list[dict], rng: np.random.Generator) -> list[tuple
                                    pick(POSITIONS, 3, taken), rng)
             out.append(("choice", q, a))
             wrong = str(rng.choice([p for p in POSITIONS if p not in taken]))
-            out.append(("yesno", f"Is the {o['colour']} {o['shape']} {_where(o['position'])}?{YESNO}{SHORT}", "Yes"))
-            out.append(("yesno", f"Is the {o['colour']} {o['shape']} {_where(wrong)}?{YESNO}{SHORT}", "No"))
+            out.append(("yesno", f"Is the {o['colour']} {o['shape']} {where(o['position'])}?{YESNO}{SHORT}", "Yes"))
+            out.append(("yesno", f"Is the {o['colour']} {o['shape']} {where(wrong)}?{YESNO}{SHORT}", "No"))
         n = sum(p["count"] for p in objects if p["colour"] == o["colour"] and p["shape"] == o["shape"])
         things = f"{o['colour']} {_plural(o['shape'])}"
         out.append(("count", f"How many {things} are there?{SHORT}", str(n)))

@@ -13,8 +13,10 @@ import torch
 from tqdm import tqdm
 
 from bridge.data import HELDOUT_SEED, SynthInstructions
+from encoder.data.synth import COLOURS, POSITIONS, SHAPES
 
-CHANCE = {"colour": 1 / 8, "shape": 1 / 5, "yesno": 1 / 2, "choice": 1 / 4, "position": 1 / 9}
+CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "yesno": 1 / 2, "choice": 1 / 4,
+          "position": 1 / len(POSITIONS)}
 
 
 def normalise(text: str) -> str:

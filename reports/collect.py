@@ -13,6 +13,8 @@ Missing files give empty tables: a report of a half-finished run must still buil
 cannot be read raises BadRunFolder (one line for the CLI).
 Encoders are called by their display label (`label:` in experiment.yaml) once read; run["families"] keeps the
 preset of each, which picks the OpenVision 2 reference row.
+The built-in tasks (labels, paper columns) come from benchmarks/evals/suite/tasks.py:TASKS and the results columns
+from benchmarks/runner/results.py:COLUMNS; neither is written here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from benchmarks.evals.suite.tasks import TASKS as SUITE
+from benchmarks.runner.results import COLUMNS
 from ov2.runfolder import read_metrics, read_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,19 +35,13 @@ REFERENCE_DIR = REPO / "reports" / "reference"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
 STAGES = ("pretrain", "export", "bridge", "eval", "encoder_eval")
-# built-in task -> (label in the report, the paper table's column)
-TASKS = {
-    "ov2_textvqa": ("TextVQA", "textvqa"), "ov2_chartqa": ("ChartQA", "chartqa"),
-    "ov2_ocrbench": ("OCRBench", "ocrbench"), "ov2_mme": ("MME-P", "mme_p"), "ov2_seed": ("SEED", "seed"),
-    "ov2_sqa": ("SQA", "sqa"), "ov2_gqa": ("GQA", "gqa"), "ov2_pope": ("POPE", "pope"),
-    "ov2_fashion": ("Fashion-MNIST MC", None),
-}
+# built-in task -> (label in the report, the paper table's column): a view of the suite's one table
+TASKS = {name: (spec.label, spec.column) for name, spec in SUITE.items()}
 ENCODER_TASKS = {"fmnist_probe": "linear probe", "fmnist_zeroshot": "zero-shot",
                  "fmnist_probe_init": "random-init probe"}
 CURVES = {"pretrain": ("pretrain", "metrics.jsonl"), "bridge stage 1": ("bridge", "stage1/metrics.jsonl"),
           "bridge stage 2": ("bridge", "stage2/metrics.jsonl")}
 STATUS_FIELDS = ("state", "error", "wall_s", "peak_rss_mb", "started", "finished", "key")
-RESULT_COLUMNS = ["experiment", "encoder", "task", "metric", "value", "stderr", "n", "chance", "seed", "primary"]
 
 
 def _json(path: Path) -> dict:
@@ -75,7 +73,7 @@ class BadRunFolder(ValueError):
 
 def read_results(run: Path) -> pd.DataFrame:
     """The tidy results table (csv first, parquet when there is no csv); numbers as floats."""
-    table = pd.DataFrame(columns=RESULT_COLUMNS)
+    table = pd.DataFrame(columns=COLUMNS)
     path = run / "results.csv" if (run / "results.csv").is_file() else run / "results.parquet"
     try:
         if path.suffix == ".csv":
@@ -89,7 +87,7 @@ def read_results(run: Path) -> pd.DataFrame:
             from None
     if len(table.columns) and not {"encoder", "task", "value"} <= set(table.columns):
         raise BadRunFolder(f"{path} lacks the columns encoder, task, value")
-    for col in RESULT_COLUMNS:
+    for col in COLUMNS:
         if col not in table.columns:
             table[col] = None
     for col in ("value", "stderr", "n", "chance"):

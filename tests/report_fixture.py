@@ -21,19 +21,22 @@ import pandas as pd
 import yaml
 from PIL import Image, ImageDraw
 
-# task -> (primary metric, chance, per-question types, answers to draw from); as benchmarks/evals/suite/tasks.py
-TASKS = {
-    "ov2_textvqa": ("exact_match", 1 / 20, ["word"], ["cat", "stop", "blue", "open", "exit"]),
-    "ov2_chartqa": ("relaxed_accuracy", 2 / 3 * 1 / 9 + 1 / 3 * 1 / 2, ["value", "compare"], ["3", "7", "12", "20"]),
-    "ov2_ocrbench": ("score_1000", 50.0, ["text"], ["ov2", "hello", "42", "zebra"]),
-    "ov2_mme": ("mme_score", 75.0, ["existence", "colour", "position", "count"], ["yes", "no"]),
-    "ov2_seed": ("accuracy", 0.25, ["colour", "shape", "count"], ["A", "B", "C", "D"]),
-    "ov2_sqa": ("accuracy", 1 / 2 * 1 / 2 + 1 / 2 * 1 / 3, ["pair", "largest"], ["A", "B", "C"]),
-    "ov2_gqa": ("exact_match", (1 / 8 + 1 / 5 + 1 / 9) / 3, ["colour", "shape", "position"],
-                ["red", "green", "left", "circle"]),
-    "ov2_pope": ("f1", 0.5, ["random", "popular", "adversarial"], ["yes", "no"]),
-    "ov2_fashion": ("accuracy", 0.25, ["clothing"], ["A", "B", "C", "D"]),
+from benchmarks.evals.suite.tasks import TASKS as SUITE
+
+# task -> (per-question types, answers to draw from)
+_DRAWS = {
+    "ov2_textvqa": (["word"], ["cat", "stop", "blue", "open", "exit"]),
+    "ov2_chartqa": (["value", "compare"], ["3", "7", "12", "20"]),
+    "ov2_ocrbench": (["text"], ["ov2", "hello", "42", "zebra"]),
+    "ov2_mme": (["existence", "colour", "position", "count"], ["yes", "no"]),
+    "ov2_seed": (["colour", "shape", "count"], ["A", "B", "C", "D"]),
+    "ov2_sqa": (["pair", "largest"], ["A", "B", "C"]),
+    "ov2_gqa": (["colour", "shape", "position"], ["red", "green", "left", "circle"]),
+    "ov2_pope": (["random", "popular", "adversarial"], ["yes", "no"]),
+    "ov2_fashion": (["clothing"], ["A", "B", "C", "D"]),
 }
+# task -> (primary metric, chance, per-question types, answers to draw from); metric and chance from the suite's table
+TASKS = {task: (spec.primary, spec.chance, *_DRAWS[task]) for task, spec in SUITE.items()}
 SKILL = {"ov2": 0.62, "ov1": 0.55, "clip": 0.45}
 COLOURS = [(220, 60, 60), (60, 160, 80), (50, 90, 200), (230, 180, 40), (150, 70, 170)]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +70,81 @@ def test_pope_f1_and_yes_ratio():
     assert s["accuracy"] == pytest.approx(4 / 7) == M.aggregate("accuracy", records)
 
 
+def test_mme_hooks_report_acc_plus_over_image_pairs():
+    from benchmarks.evals.tasks import utils as hooks
+
+    rows = [(0, "Yes", "Yes"), (0, "No", "No"), (1, "Yes", "No"), (1, "No", "No")]
+    out = [hooks.ov2_mme_process_results({"answer": t, "type": "colour", "image_id": i}, [p]) for i, p, t in rows]
+    assert all(set(o) == {"mme_score", "acc", "acc_plus", "acc_colour"} for o in out)
+    assert hooks.agg_acc_plus([o["acc_plus"] for o in out]) == pytest.approx(0.5)  # image 0 both right, image 1 not
+    assert hooks.agg_mean([o["acc"] for o in out]) == pytest.approx(0.75)
+    assert M.type_of("acc_colour") == "colour" and M.type_of("acc_plus") is None and M.type_of("f1") is None
+
+
+# --- the task YAMLs and their README agree with the table ----------------------------------------------------------
+
+
+def _raw_yaml(path) -> dict:
+    """A task YAML as written: `!function utils.NAME` kept as the string "utils.NAME"."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    return yaml.load(path.read_text(), Loader=Loader)
+
+
+def test_task_yamls_agree_with_the_table():
+    from lmms_eval.utils import load_yaml_config
+
+    from benchmarks.evals.evaluate import TASKS_DIR
+    from benchmarks.evals.tasks.utils import aggregation_name, process_results_name
+
+    assert sorted(p.stem for p in TASKS_DIR.glob("ov2_*.yaml")) == sorted(TASKS)
+    template = _raw_yaml(TASKS_DIR / "_default_template_ov2_yaml")
+    assert template["doc_to_visual"] == "utils.ov2_doc_to_visual" and template["doc_to_text"] == "utils.ov2_doc_to_text"
+    assert template["output_type"] == "generate_until" and template["doc_to_target"] == "answer"
+    for name, spec in TASKS.items():
+        raw = _raw_yaml(TASKS_DIR / f"{name}.yaml")
+        assert raw["include"] == "_default_template_ov2_yaml" and "output_type" not in raw, name
+        assert raw["task"] == name and raw["dataset_path"] == f"ov2_data/{name}"
+        assert raw["process_results"] == f"utils.{process_results_name(name)}"
+        assert raw["lmms_eval_specific_kwargs"] == {"default": {"pre_prompt": "", "post_prompt": spec.suffix}}
+        assert tuple(m["metric"] for m in raw["metric_list"]) == spec.metrics, name
+        for m in raw["metric_list"]:
+            assert m["aggregation"] == f"utils.{aggregation_name(m['metric'])}", (name, m)
+            assert m["higher_is_better"] is (m["metric"] != "yes_ratio"), (name, m)
+        config = load_yaml_config(str(TASKS_DIR / f"{name}.yaml"), mode="full")  # every hook it names exists
+        assert config["process_results"].__name__ == process_results_name(name)
+
+
+def test_task_readme_agrees_with_the_table():
+    from benchmarks.evals.evaluate import TASKS_DIR
+
+    rows = [line.strip("|").split(" | ") for line in (TASKS_DIR / "README.md").read_text().splitlines()
+            if line.startswith("| ov2_")]
+    assert [r[0].strip() for r in rows] == list(TASKS)
+    for name, column, primary, chance, n, kind in rows:
+        spec = TASKS[name.strip()]
+        assert (column, primary, chance, int(n)) == (spec.column or "-", spec.primary, f"{spec.chance:.3g}", spec.n)
+        assert kind.strip() == spec.kind
+
+
+def test_suite_and_reports_import_no_bridge():
+    """The benchmark is not defined inside the bridge's training data: the suite, its hooks and the report's reader
+    import no bridge module (the bridge imports the suite's prompt suffixes, not the other way)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import benchmarks.evals.suite.build, benchmarks.evals.tasks.utils, reports.collect; "
+            "from benchmarks.evals.suite.build import generate; generate('ov2_gqa', n=3); generate('ov2_sqa', n=3); "
+            "print(sorted(m for m in sys.modules if m == 'bridge' or m.startswith('bridge.')))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
+    assert out.strip() == "[]"
+
+
 # --- generators ---------------------------------------------------------------------------------------------------
 
 
@@ -116,8 +192,8 @@ def _train_keys(n: int) -> tuple[set, set]:
 
 
 def test_suite_disjoint_from_training():
-    from bridge.data import HELDOUT_SEED, TRAIN_SEED, is_heldout
-    from encoder.data.synth import make_scene
+    from bridge.data import HELDOUT_SEED, TRAIN_SEED
+    from encoder.data.synth import is_heldout, make_scene
 
     seeds = [t.seed for t in TASKS.values()]
     assert len(set(seeds)) == len(seeds) and not set(seeds) & {0, TRAIN_SEED, TRAIN_SEED + 1, HELDOUT_SEED}
@@ -182,7 +258,8 @@ def test_random_guessing_scores_chance():
 
 
 def test_bridge_fashion_kind_teaches_the_suite_format_on_train_images():
-    from bridge.data import LETTER, SynthInstructions
+    from benchmarks.evals.suite.prompts import LETTER
+    from bridge.data import SynthInstructions
     from encoder.data.fashion_mnist import CLASSES
 
     data = SynthInstructions(40, image_size=64, kinds=("fashion",))

@@ -26,9 +26,8 @@ import time
 
 from benchmarks.bench.results import RESULTS, ROOT
 from encoder.config import equal_budget_recipe
+from encoder.models.registry import FAMILIES
 from ov2.runfolder import read_status
-
-FAMILIES = ("ov2", "ov1", "clip")
 
 
 def train(preset: str, out: str, args: list[str]) -> dict:
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/baselines", help="run folder, one sub-folder per family")
     parser.add_argument("--table", default=os.path.join(RESULTS, "baselines_cpu.md"),
                         help="Markdown table to write (default benchmarks/results/baselines_cpu.md)")
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list (default ov2,ov1,clip)")
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma list (default {','.join(FAMILIES)})")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --table")
     args = parser.parse_args(argv)
     from encoder.checkpoint import latest_checkpoint, load_model

@@ -32,8 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.evals.suite.tasks import TASKS, is_mean_metric
+from benchmarks.evals.suite.metrics import is_mean_metric, type_of
+from benchmarks.evals.suite.tasks import TASKS
+from ov2.cli import fail
 
+PROG = "ov2 eval"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
 OUTPUTS = ("scores.json", "samples", "lmms_eval")
@@ -144,7 +147,7 @@ def _scores_entry(name: str, result: dict, samples: list[dict]) -> tuple[dict, l
             if is_mean_metric(m):
                 stderr = _number(result.get(f"{m}_stderr_clt,none"))
             if stderr is None:
-                subset = [r for r in records if not m.startswith("acc_") or r["type"] == m[4:]]
+                subset = [r for r in records if type_of(m) in (None, r["type"])]
                 stderr = suite_metrics.stderr(m, subset)
         value = result[f"{m},none"]
         out[m] = {"value": _number(value) if _number(value) is not None else value, "stderr": stderr}
@@ -314,7 +317,7 @@ def _one(lm, name: str, data_dir: Path, out: Path, limit, task_manager, progress
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ov2 eval", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("model", help="a LLaVA folder (config.json + weights + processor files)")
@@ -332,22 +335,20 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         scores = evaluate(args.model, tasks, args.out, args.limit, args.data, args.batch_size, args.force)
     except (BadInput, RunLocked) as err:
-        print(f"ov2 eval: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, err, 2)
     except KeyboardInterrupt:
-        print(f"ov2 eval: interrupted; run the same command with --force to evaluate again ({args.out})",
+        print(f"{PROG}: interrupted; run the same command with --force to evaluate again ({args.out})",
               file=sys.stderr)
         return 130
     except Exception as err:  # the model could not be loaded, or lmms-eval broke outside a task
-        print(f"ov2 eval: failed: {(str(err).strip().splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
-        return 1
+        return fail(PROG, f"failed: {str(err).strip() or type(err).__name__}", 1)  # fail() keeps the first line
     failed = [f"{t}: {e['error']}" for t, e in scores["tasks"].items() if e["status"] != "ok"]
-    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 holds the scores
-        print(json.dumps({t: e["metrics"].get(e["primary"], {}).get("value") for t, e in scores["tasks"].items()}))
-        if failed:  # the last line a caller (the runner) reads
-            print(f"ov2 eval: {len(failed)} of {len(scores['tasks'])} tasks failed: {'; '.join(failed)}",
-                  file=sys.stderr)
-    return 1 if failed else 0
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 holds the scores
+        return 1 if failed else 0
+    print(json.dumps({t: e["metrics"].get(e["primary"], {}).get("value") for t, e in scores["tasks"].items()}))
+    if failed:  # the last line a caller (the runner) reads
+        return fail(PROG, f"{len(failed)} of {len(scores['tasks'])} tasks failed: {'; '.join(failed)}", 1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The run's tidy results table, built only from the stage folders on disk.
 
     RUN/results.csv, RUN/results.parquet
-    columns: experiment, encoder, task, metric, value, stderr, n, chance, seed, primary
+    columns: COLUMNS (experiment, encoder, task, metric, value, stderr, n, chance, seed, primary; reports.collect
+    reads them by this name)
     (`chance` is set on each task's primary metric; encoder-level rows are fmnist_probe / fmnist_zeroshot /
     fmnist_probe_init with metric "accuracy")
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from benchmarks.runner.plan import Stage
+if TYPE_CHECKING:
+    from benchmarks.runner.plan import Stage
 
 COLUMNS = ["experiment", "encoder", "task", "metric", "value", "stderr", "n", "chance", "seed", "primary"]
 

@@ -9,6 +9,11 @@ Three kinds of scene, each with a rich caption that names what is there and a sh
 
 `make_scene(seed, index)` returns a `Scene`; the same arguments always give the same pixels and text.
 Train and held-out sets come from different seeds. Everything is drawn with PIL, no GPU, ~1 ms a scene.
+
+This module owns the scene vocabulary (COLOURS, SHAPES, POSITIONS, WORDS, TEXT_COLOURS, CHART_COLOURS) and the
+held-out rule: `is_heldout(scene)` marks the scenes no training set may contain (a held-out (colour, shape) pair of
+HELDOUT_SHAPES, a word in its held-out colour, a chart of a held-out (bar colour, bar count) pairing); the bridge's
+training sets skip them and the benchmark suite (benchmarks/evals/suite) is drawn from them alone.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ WORDS = (
     "apple", "river", "cloud", "tiger", "house", "green", "music", "paper", "light", "stone",
     "table", "bread", "chair", "ocean", "plant", "train", "smile", "candy", "robot", "zebra",
 )
+TEXT_COLOURS = ("red", "blue", "black", "green", "purple")  # the colours words are written in
+CHART_COLOURS = ("blue", "red", "green", "orange", "purple")  # and bars are filled with
+# (colour, shape) pairs no training scene contains: each colour once, each shape at least once
+HELDOUT_SHAPES = frozenset({("red", "star"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square"),
+                            ("orange", "triangle"), ("purple", "star"), ("black", "circle"), ("pink", "diamond")})
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 KINDS = ("shapes", "text", "chart")
 
@@ -66,8 +76,15 @@ def _font(px: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf", name), px)
 
 
-def _a(word: str) -> str:
+def an(word: str) -> str:
+    """"a red", "an orange"."""
     return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def where(position: str) -> str:
+    """"in the centre", "on the left", "at the top right": a grid position as the captions and questions say it."""
+    return "in the centre" if position == "centre" else f"on the {position}" if position in ("left", "right") \
+        else f"at the {position}"
 
 
 def _plural(word: str, n: int) -> str:
@@ -112,10 +129,8 @@ def _shapes_scene(rng: np.random.Generator, size: int, max_groups: int) -> Scene
         for dx, dy in offsets:
             _draw_shape(draw, shape, cx0 + dx * cell_px + jitter[0], cy0 + dy * cell_px + jitter[1], r, COLOURS[colour])
         objects.append(dict(colour=colour, shape=shape, size=size_name, count=count, position=position))
-        where = "in the centre" if position == "centre" else f"on the {position}" if position in ("left", "right") \
-            else f"at the {position}"
-        head = _a(size_name) if count == 1 else f"{NUMBER_WORDS[count]} {size_name}"
-        clauses.append(f"{head} {colour} {_plural(shape, count)} {where}")
+        head = an(size_name) if count == 1 else f"{NUMBER_WORDS[count]} {size_name}"
+        clauses.append(f"{head} {colour} {_plural(shape, count)} {where(position)}")
     caption = " and ".join(clauses) + f" on a {bg_name} background."
     alt = ", ".join(f"{o['colour']} {_plural(o['shape'], o['count'])}" for o in objects)
     return Scene(image, caption, alt, "shapes", objects, {"background": bg_name})
@@ -123,7 +138,7 @@ def _shapes_scene(rng: np.random.Generator, size: int, max_groups: int) -> Scene
 
 def _text_scene(rng: np.random.Generator, size: int) -> Scene:
     bg_name = str(rng.choice(list(BACKGROUNDS)))
-    colour = str(rng.choice([c for c in ("red", "blue", "black", "green", "purple")]))
+    colour = str(rng.choice(list(TEXT_COLOURS)))
     word = str(rng.choice(WORDS))
     image = Image.new("RGB", (size, size), BACKGROUNDS[bg_name])
     draw = ImageDraw.Draw(image)
@@ -140,7 +155,7 @@ def _chart_scene(rng: np.random.Generator, size: int) -> Scene:
     n = int(rng.integers(3, 6))
     labels = [chr(ord("A") + i) for i in range(n)]
     values = [int(v) for v in rng.integers(1, 10, size=n)]
-    colour = str(rng.choice(["blue", "red", "green", "orange", "purple"]))
+    colour = str(rng.choice(list(CHART_COLOURS)))
     image = Image.new("RGB", (size, size), BACKGROUNDS["white"])
     draw = ImageDraw.Draw(image)
     font = _font(max(6, size // 10))
@@ -153,7 +168,7 @@ def _chart_scene(rng: np.random.Generator, size: int) -> Scene:
         draw.text((x0 + slot * 0.2, base + 1), label, fill=(0, 0, 0), font=font)
     best = int(np.argmax(values))
     caption = (
-        f"{_a(colour)} bar chart with {NUMBER_WORDS[n]} bars; the tallest bar is {labels[best]} with value "
+        f"{an(colour)} bar chart with {NUMBER_WORDS[n]} bars; the tallest bar is {labels[best]} with value "
         f"{values[best]}. values: " + ", ".join(f"{lab} {val}" for lab, val in zip(labels, values)) + "."
     )
     return Scene(image, caption, "bar chart", "chart", [], {"labels": labels, "values": values, "colour": colour})
@@ -171,3 +186,14 @@ def make_scene(seed: int, index: int, size: int = 64, kinds: tuple[str, ...] = K
     if kind == "text":
         return _text_scene(rng, size)
     return _chart_scene(rng, size)
+
+
+def is_heldout(scene: Scene) -> bool:
+    """True for scenes reserved for evaluation: a held-out (colour, shape) group; a word in its held-out colour
+    ((word index + colour index) % 5 == 0); a chart whose (bar colour index + bar count) % 5 == 0. About a fifth
+    of text and chart scenes and a fifth of shape groups."""
+    if scene.kind == "shapes":
+        return any((o["colour"], o["shape"]) in HELDOUT_SHAPES for o in scene.objects)
+    if scene.kind == "text":
+        return (WORDS.index(scene.meta["word"]) + TEXT_COLOURS.index(scene.meta["colour"])) % 5 == 0
+    return (CHART_COLOURS.index(scene.meta["colour"]) + len(scene.meta["values"])) % 5 == 0

@@ -18,8 +18,7 @@ MAX_DRAWS = 200_000
 def heldout_scenes(seed: int, kind: str, size: int = 64, min_groups: int = 1) -> Iterator[tuple[int, object]]:
     """(index, scene) for every scene of `make_scene(seed, index, kinds=(kind,))` that `is_heldout` reserves
     (for shapes: with at least `min_groups` groups)."""
-    from bridge.data import is_heldout
-    from encoder.data.synth import make_scene
+    from encoder.data.synth import is_heldout, make_scene
 
     for index in range(MAX_DRAWS):
         scene = make_scene(seed, index, size=size, kinds=(kind,))

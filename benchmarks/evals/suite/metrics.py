@@ -12,6 +12,8 @@ Aggregates over records (dicts with "score" and task fields):
     pope_scores(records)           accuracy, precision, recall, f1, yes_ratio (positive class: "yes")
     ocrbench_scores(records)       score (number correct: OCRBench's counting), score_1000 (per 1,000 questions)
     accuracy_by_type(records)      {type: accuracy}
+    aggregate(metric, records)     any of the above by metric name; is_mean_metric(metric): a mean of the scores;
+                                   type_of(metric): the question type of a per-type accuracy acc_<type>
 """
 
 from __future__ import annotations
@@ -76,6 +78,19 @@ def yesno_match(prediction: str, target: str) -> float:
     return float(yesno(prediction) == str(target).lower())
 
 
+MEAN_METRICS = ("exact_match", "relaxed_accuracy", "accuracy", "acc")  # and every acc_<type>: means of "score"
+
+
+def type_of(metric: str) -> str | None:
+    """The question type of a per-type accuracy ("acc_colour" -> "colour"); None for other metrics (MME's acc_plus
+    is not one: it scores image pairs)."""
+    return metric[4:] if metric.startswith("acc_") and metric != "acc_plus" else None
+
+
+def is_mean_metric(metric: str) -> bool:
+    return metric in MEAN_METRICS or type_of(metric) is not None
+
+
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
@@ -133,7 +148,7 @@ def sample_record(match: str, prediction: str, target: str, qtype: str | None = 
 
 def aggregate(metric: str, records: list[dict]) -> float:
     """One metric over the records of a task (acc_<type> metrics get only that type's records)."""
-    if metric in ("exact_match", "relaxed_accuracy", "accuracy", "acc") or metric.startswith("acc_"):
+    if is_mean_metric(metric):
         return mean(r["score"] for r in records)
     if metric in ("mme_score", "acc_plus"):
         return mme_scores(records)[metric]
@@ -155,7 +170,7 @@ def stderr(metric: str, records: list[dict]) -> float | None:
         m = mean(values)
         return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
-    if metric in ("exact_match", "relaxed_accuracy", "accuracy", "acc") or metric.startswith("acc_"):
+    if is_mean_metric(metric):
         return sem([r["score"] for r in records])
     if metric == "yes_ratio":
         return sem([float(r["said"] == "yes") for r in records])

@@ -3,6 +3,8 @@ GQA-like short answers, POPE-like existence, MME-like yes/no pairs, SEED-like le
 
 Each `make_<task>(n, seed, size) -> list[record]` is a pure function of its arguments. The question templates
 are those the bridge's stage-2 mix teaches (bridge.data), so the suite tests the images, not the wording.
+The templates are written here, not imported from the bridge: the benchmark does not depend on the bridge's
+training data (only on encoder.data.synth's scenes and the suite's own prompt suffixes).
 """
 
 from __future__ import annotations
@@ -12,14 +14,10 @@ from collections import Counter
 import numpy as np
 
 from benchmarks.evals.suite.common import balanced, heldout_scenes, interleave, lettered, quotas
-from bridge.data import YESNO, an
+from benchmarks.evals.suite.prompts import YESNO
+from encoder.data.synth import COLOURS, POSITIONS, SHAPES, an, where
 
 MIN_GROUPS = 2
-
-
-def _where(position: str) -> str:
-    return "in the centre" if position == "centre" else f"on the {position}" if position in ("left", "right") \
-        else f"at the {position}"
 
 
 def _things(colour: str, shape: str, n: int) -> str:
@@ -42,8 +40,6 @@ def _record(index: int, scene, question: str, answer: str, qtype: str, **extra) 
 
 def make_gqa(n: int, seed: int, size: int = 64) -> list[dict]:
     """What colour is the <shape>? / What shape is the <colour> object? / Where is the <colour> <shape>?"""
-    from encoder.data.synth import COLOURS, POSITIONS, SHAPES
-
     def candidates():
         for index, scene in heldout_scenes(seed, "shapes", size, MIN_GROUPS):
             rng = np.random.default_rng([seed, index])
@@ -67,8 +63,6 @@ def make_gqa(n: int, seed: int, size: int = 64) -> list[dict]:
 
 def _pair_questions(objects: list[dict], category: str, rng: np.random.Generator) -> tuple[str, str] | None:
     """MME-style (yes question, no question) of one category, or None when the scene cannot ask it."""
-    from encoder.data.synth import COLOURS, POSITIONS, SHAPES
-
     present = {(o["colour"], o["shape"]) for o in objects}
     if category == "existence":
         o = objects[int(rng.integers(len(objects)))]
@@ -89,8 +83,8 @@ def _pair_questions(objects: list[dict], category: str, rng: np.random.Generator
             return None
         o = pool[int(rng.integers(len(pool)))]
         wrong = str(rng.choice([p for p in POSITIONS if p not in {q["position"] for q in objects}]))
-        return (f"Is the {o['colour']} {o['shape']} {_where(o['position'])}?{YESNO}",
-                f"Is the {o['colour']} {o['shape']} {_where(wrong)}?{YESNO}")
+        return (f"Is the {o['colour']} {o['shape']} {where(o['position'])}?{YESNO}",
+                f"Is the {o['colour']} {o['shape']} {where(wrong)}?{YESNO}")
     o = objects[int(rng.integers(len(objects)))]
     n = _count(objects, o)
     wrong = int(rng.choice([k for k in (1, 2, 3, 4) if k != n]))
@@ -131,8 +125,6 @@ def _popularity(seed: int, size: int) -> list[tuple[str, str]]:
 def make_pope(n: int, seed: int, size: int = 64) -> list[dict]:
     """Per image one present object ("yes") and one absent ("no"); the negative is random, popular (the most
     frequent absent pair) or adversarial (shares the colour or the shape of a present object), in turn."""
-    from encoder.data.synth import COLOURS, SHAPES
-
     ranked = _popularity(seed, size)
     categories = ("random", "popular", "adversarial")
     out = []
@@ -162,8 +154,6 @@ def make_pope(n: int, seed: int, size: int = 64) -> list[dict]:
 
 def make_seed(n: int, seed: int, size: int = 64) -> list[dict]:
     """Four options; the right one at A, B, C, D in turn; colour, shape, position and count questions in turn."""
-    from encoder.data.synth import COLOURS, POSITIONS, SHAPES
-
     qtypes = ("colour", "shape", "position", "count")
     out = []
     for index, scene in heldout_scenes(seed, "shapes", size, MIN_GROUPS):

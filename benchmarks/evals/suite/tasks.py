@@ -1,23 +1,28 @@
-"""The built-in suite's one table: task name -> paper column, primary metric, chance, default size, prompt suffix.
+"""The built-in suite's one table, TASKS: task name -> TaskSpec (report label, paper column, primary metric,
+chance, default size, seed, prompt suffix, scorer, metrics). The runner's default tasks, the report's labels and paper
+columns, the lmms-eval hooks (benchmarks/evals/tasks/utils.py) all read it; tests/test_suite.py checks the task
+YAMLs and their README against it.
 
 `chance` is the expected primary metric of a uniform random guess among the answers each question allows
 (for yes/no: 50/50; for MME that gives acc 0.5 and acc+ 0.25, so 75; for POPE's F1, 0.5). The answers of every
 task are balanced, so a constant answer scores at or below chance (a constant "yes" on POPE: accuracy 0.5, F1 0.67).
 Seeds are the suite's own (61_001...), none of them a training seed (pretraining 0 by default, the bridge's
-TRAIN_SEED and TRAIN_SEED + 1), and every scene is one `bridge.data.is_heldout` reserves.
+TRAIN_SEED and TRAIN_SEED + 1), and every scene is one `encoder.data.synth.is_heldout` reserves.
+This module imports no stage package (reports read it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bridge.data import LETTER, SHORT
+from benchmarks.evals.suite.prompts import LETTER, SHORT
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    column: str  # the paper table's column this task stands for
+    label: str  # the report's name for it
+    column: str | None  # the paper table's column this task stands for (reports/reference/*.csv); None: none
     primary: str
     chance: float
     n: int  # default number of questions
@@ -33,39 +38,32 @@ def _acc(*types: str) -> tuple[str, ...]:
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("ov2_textvqa", "textvqa", "exact_match", 1 / 20, 200, 61_001, SHORT, "vqa", ("exact_match",),
-             "read the word (20 words); VQA-normalised exact match"),
-    TaskSpec("ov2_chartqa", "chartqa", "relaxed_accuracy", 2 / 3 * 1 / 9 + 1 / 3 * 1 / 2, 150, 61_003, SHORT,
-             "relaxed", ("relaxed_accuracy",) + _acc("value", "compare"),
+    TaskSpec("ov2_textvqa", "TextVQA", "textvqa", "exact_match", 1 / 20, 200, 61_001, SHORT, "vqa",
+             ("exact_match",), "read the word (20 words); VQA-normalised exact match"),
+    TaskSpec("ov2_chartqa", "ChartQA", "chartqa", "relaxed_accuracy", 2 / 3 * 1 / 9 + 1 / 3 * 1 / 2, 150, 61_003,
+             SHORT, "relaxed", ("relaxed_accuracy",) + _acc("value", "compare"),
              "bar values (2/3) and which of two bars is taller (1/3); relaxed accuracy (5%)"),
-    TaskSpec("ov2_ocrbench", "ocrbench", "score_1000", 1000 / 20, 200, 61_002, SHORT, "ocr",
+    TaskSpec("ov2_ocrbench", "OCRBench", "ocrbench", "score_1000", 1000 / 20, 200, 61_002, SHORT, "ocr",
              ("score_1000", "score", "accuracy"),
              "what is written (20 words); OCRBench counting: number correct, and per 1,000 questions"),
-    TaskSpec("ov2_mme", "mme_p", "mme_score", 75.0, 200, 61_004, SHORT, "yesno",
+    TaskSpec("ov2_mme", "MME-P", "mme_p", "mme_score", 75.0, 200, 61_004, SHORT, "yesno",
              ("mme_score", "acc", "acc_plus") + _acc("existence", "colour", "position", "count"),
              "two yes/no questions per image (one yes, one no); MME score = 100 * (acc + acc+), max 200"),
-    TaskSpec("ov2_seed", "seed", "accuracy", 1 / 4, 200, 61_007, LETTER, "letter",
+    TaskSpec("ov2_seed", "SEED", "seed", "accuracy", 1 / 4, 200, 61_007, LETTER, "letter",
              ("accuracy",) + _acc("colour", "shape", "position", "count"),
              "four-option lettered multiple choice on colour, shape, position, count"),
-    TaskSpec("ov2_sqa", "sqa", "accuracy", 1 / 2 * 1 / 2 + 1 / 2 * 1 / 3, 150, 61_008, LETTER, "letter",
+    TaskSpec("ov2_sqa", "SQA", "sqa", "accuracy", 1 / 2 * 1 / 2 + 1 / 2 * 1 / 3, 150, 61_008, LETTER, "letter",
              ("accuracy",) + _acc("pair", "largest"),
              "ScienceQA-style context + lettered choice (2 or 3 options) over bar charts"),
-    TaskSpec("ov2_gqa", "gqa", "exact_match", (1 / 8 + 1 / 5 + 1 / 9) / 3, 210, 61_006, SHORT, "vqa",
+    TaskSpec("ov2_gqa", "GQA", "gqa", "exact_match", (1 / 8 + 1 / 5 + 1 / 9) / 3, 210, 61_006, SHORT, "vqa",
              ("exact_match",) + _acc("colour", "shape", "position"),
              "attribute and spatial short answers (colour, shape, position: a third each); exact match"),
-    TaskSpec("ov2_pope", "pope", "f1", 0.5, 210, 61_005, SHORT, "yesno",
+    TaskSpec("ov2_pope", "POPE", "pope", "f1", 0.5, 210, 61_005, SHORT, "yesno",
              ("f1", "accuracy", "precision", "recall", "yes_ratio") + _acc("random", "popular", "adversarial"),
              "object existence, half yes; negatives random, popular or adversarial (a third each)"),
-    TaskSpec("ov2_fashion", "fashion", "accuracy", 1 / 4, 200, 61_009, LETTER, "letter", ("accuracy",),
-             "real Fashion-MNIST test images: which item of clothing, four lettered options"),
+    TaskSpec("ov2_fashion", "Fashion-MNIST MC", None, "accuracy", 1 / 4, 200, 61_009, LETTER, "letter",
+             ("accuracy",), "real Fashion-MNIST test images: which item of clothing, four lettered options"),
 )}
-
-MEAN_METRICS = ("exact_match", "relaxed_accuracy", "accuracy", "acc")  # and every acc_<type>: means of "score"
-
-
-def is_mean_metric(metric: str) -> bool:
-    return metric in MEAN_METRICS or metric.startswith("acc_")
-
 
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:

@@ -1,6 +1,11 @@
 """lmms-eval hooks of the built-in suite (the YAMLs beside this file name them with `!function utils.NAME`).
 
-lmms-eval loads this file by path, once per `!function`; it only adapts benchmarks.evals.suite to lmms-eval's calls.
+lmms-eval loads this file by path, once per `!function`, and looks each NAME up on the module; it only adapts
+benchmarks.evals.suite to lmms-eval's calls. The module-level hooks are made from the suite's table, one set a task:
+
+    ov2_doc_to_visual, ov2_doc_to_text     every task (the YAML template)
+    <task>_process_results                 one per task of TASKS
+    agg_mean, agg_<metric>                 the aggregation of each metric (aggregation_name(metric))
 """
 
 from benchmarks.evals.suite import metrics
@@ -16,6 +21,15 @@ def ov2_doc_to_text(doc, lmms_eval_specific_kwargs=None):
     return f"{kwargs.get('pre_prompt', '')}{doc['question']}{kwargs.get('post_prompt', '')}"
 
 
+def process_results_name(task: str) -> str:
+    return f"{task}_process_results"
+
+
+def aggregation_name(metric: str) -> str:
+    """agg_mean for each mean of the per-sample score (exact match, relaxed accuracy, acc_<type>), else agg_<metric>."""
+    return "agg_mean" if metrics.is_mean_metric(metric) else f"agg_{metric}"
+
+
 def _process(task: str):
     spec = TASKS[task]
 
@@ -23,9 +37,9 @@ def _process(task: str):
         prediction = results[0] if results else ""
         prediction = prediction if isinstance(prediction, str) else getattr(prediction, "text", str(prediction))
         record = metrics.sample_record(spec.match, prediction.strip(), doc["answer"], doc["type"], doc["image_id"])
-        return {m: record for m in spec.metrics if not m.startswith("acc_") or m == f"acc_{doc['type']}"}
+        return {m: record for m in spec.metrics if metrics.type_of(m) in (None, doc["type"])}
 
-    process_results.__name__ = f"{task}_process_results"
+    process_results.__name__ = process_results_name(task)
     return process_results
 
 
@@ -37,22 +51,13 @@ def _aggregate(metric: str):
     return aggregation
 
 
-ov2_textvqa_process_results = _process("ov2_textvqa")
-ov2_chartqa_process_results = _process("ov2_chartqa")
-ov2_ocrbench_process_results = _process("ov2_ocrbench")
-ov2_mme_process_results = _process("ov2_mme")
-ov2_seed_process_results = _process("ov2_seed")
-ov2_sqa_process_results = _process("ov2_sqa")
-ov2_gqa_process_results = _process("ov2_gqa")
-ov2_pope_process_results = _process("ov2_pope")
-ov2_fashion_process_results = _process("ov2_fashion")
+def _hooks() -> dict:
+    hooks = {process_results_name(task): _process(task) for task in TASKS}
+    hooks["agg_mean"] = _aggregate("accuracy")
+    for spec in TASKS.values():
+        for metric in spec.metrics:
+            hooks.setdefault(aggregation_name(metric), _aggregate(metric))
+    return hooks
 
-agg_mean = _aggregate("accuracy")  # every mean of the per-sample score (exact match, relaxed accuracy, acc_<type>)
-agg_mme_score = _aggregate("mme_score")
-agg_acc_plus = _aggregate("acc_plus")
-agg_f1 = _aggregate("f1")
-agg_precision = _aggregate("precision")
-agg_recall = _aggregate("recall")
-agg_yes_ratio = _aggregate("yes_ratio")
-agg_score = _aggregate("score")
-agg_score_1000 = _aggregate("score_1000")
+
+globals().update(_hooks())

@@ -13,8 +13,8 @@ Missing files give empty tables: a report of a half-finished run must still buil
 cannot be read raises BadRunFolder (one line for the CLI).
 Encoders are called by their display label (`label:` in experiment.yaml) once read; run["families"] keeps the
 preset of each, which picks the OpenVision 2 reference row.
-The built-in tasks (labels, paper columns) come from benchmarks/evals/suite/tasks.py:TASKS and the results columns
-from benchmarks/runner/results.py:COLUMNS; neither is written here.
+The built-in tasks (labels, paper columns) are benchmarks/evals/suite/tasks.py:TASKS and the results columns
+come from benchmarks/runner/results.py:COLUMNS; neither is written here.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from benchmarks.evals.suite.tasks import TASKS as SUITE
 from benchmarks.runner.results import COLUMNS
 from ov2.runfolder import read_metrics, read_status
 
@@ -36,7 +35,6 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 
 STAGES = ("pretrain", "export", "bridge", "eval", "encoder_eval")
 # built-in task -> (label in the report, the paper table's column): a view of the suite's one table
-TASKS = {name: (spec.label, spec.column) for name, spec in SUITE.items()}
 ENCODER_TASKS = {"fmnist_probe": "linear probe", "fmnist_zeroshot": "zero-shot",
                  "fmnist_probe_init": "random-init probe"}
 CURVES = {"pretrain": ("pretrain", "metrics.jsonl"), "bridge stage 1": ("bridge", "stage1/metrics.jsonl"),

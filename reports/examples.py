@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.collect import TASKS
+from benchmarks.evals.suite.tasks import TASKS
 from reports.figures import png_uri
 from reports.summary import task_label
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.evals.suite.tasks import TASKS
 from reports import collect
 from reports.tables import table
 
@@ -32,7 +33,7 @@ def paper_section(run: dict, summary: dict) -> dict | None:
     if paper is None:
         return {"name": name, "missing": True, "table": None, "pairs": []} if name else None
     cols = [c for c in ("framework", "method", "encoder", "resolution") if c in paper.columns]
-    ours_cols = [(col["label"], collect.TASKS.get(col["task"], (None, None))[1]) for col in summary["columns"]]
+    ours_cols = [(col["label"], _column(col["task"])) for col in summary["columns"]]
     metric_cols = [c for _, c in ours_cols if c and c in paper.columns]
     labels = {c: lab for lab, c in ours_cols if c}
     shown = paper[cols + metric_cols].rename(columns=labels)
@@ -57,7 +58,7 @@ def _paper_pairs(run: dict, summary: dict, paper: pd.DataFrame) -> list[dict]:
             continue
         lines = []
         for j, col in enumerate(summary["columns"]):
-            pcol = collect.TASKS.get(col["task"], (None, None))[1]
+            pcol = _column(col["task"])
             mine = row["cells"][j]["value"]
             base = next(r["cells"][j]["value"] for r in summary["rows"] if r["reference"])
             if pcol not in paper.columns or mine is None or base is None:
@@ -93,3 +94,9 @@ def paper_efficiency(reference_dir: Path) -> list[dict]:
                 setting = f"{enc}, {res:.0f} px" + (f", batch {batch:.0f}" if pd.notna(batch) else "")
                 out.append({"what": what, "setting": setting, "ratio": f"{a / b:.2f}"})
     return out
+
+
+def _column(task: str) -> str | None:
+    """The paper table's column a built-in task stands for (None for other tasks)."""
+    spec = TASKS.get(task)
+    return spec.column if spec else None

@@ -11,7 +11,8 @@ import math
 
 import pandas as pd
 
-from reports.collect import ENCODER_TASKS, TASKS
+from benchmarks.evals.suite.tasks import TASKS
+from reports.collect import ENCODER_TASKS
 from reports.stats import paired_differences
 
 
@@ -24,7 +25,7 @@ def _num(x) -> float | None:
 
 
 def task_label(task: str) -> str:
-    return TASKS.get(task, (task, None))[0]
+    return TASKS[task].label if task in TASKS else task
 
 
 def reference_encoder(run: dict) -> str | None:

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from report_fixture import TASKS, write_run
 
-from reports.collect import TASKS as REPORT_TASKS
+from benchmarks.evals.suite.tasks import TASKS as SUITE
 from reports.render import build_report
 from reports.stats import paired_bootstrap
 
@@ -80,7 +80,7 @@ def test_summary_numbers_equal_the_results_on_disk(report):
     run, path = report
     rows = parse_tables(path)["summary-table"]
     header = [c[1].strip() for c in rows[0]][1:]
-    labels = {REPORT_TASKS[t][0]: t for t in REPORT_TASKS}
+    labels = {SUITE[t].label: t for t in SUITE}
     tasks = [next(t for lab, t in labels.items() if h.startswith(lab)) for h in header]
     assert tasks == list(TASKS), header
     res = pd.read_csv(run / "results.csv")

@@ -1,4 +1,4 @@
-"""The bridge's configuration: one LLaVA run (`BridgeConfig`) holding two training stages (`StageConfig`).
+"""The bridge's configuration: one LLaVA run (`BridgeConfig`) holding two training stages (`LlavaStageConfig`).
 
 Every field is set the one way configs are set in this project (`ov2.config`): `--key=value` by dotted
 path (`--stage1.steps=50`) or unique leaf (`--eval_samples=8`), or a YAML file of the same keys; a bad key or value
@@ -6,6 +6,9 @@ is a ConfigError naming it (one line, exit 2).
 
     stage 1: projector only, LR 1e-3          stage 2: projector + LLM, LR 2e-5 (projector_lr: the projector's own)
     unfreeze_vision: the tower trains too, at its own LR (Open-LLaVA-NeXT style, 2e-6)
+
+RESUME_SAFE / RUN_RESUME_SAFE: what a rerun into the same folder may change (ov2.resume.check_resume), for a stage
+and for the whole run. `upgrade(tree)` reads a config saved under older key names (save_every -> ckpt_every).
 """
 
 from __future__ import annotations
@@ -15,10 +18,24 @@ from dataclasses import dataclass, field
 from ov2.config import ConfigError
 
 DEFAULT_LR = {1: 1e-3, 2: 2e-5}
+# what a rerun may change: how often a stage saves, how it reports, when it gives up on non-finite losses ...
+RESUME_SAFE = ("ckpt_every", "keep_last", "nan_patience", "progress")
+# ... and, for the whole run, where it is, how much it evaluates and where it trains
+RUN_RESUME_SAFE = (*RESUME_SAFE, "out", "eval_samples", "device")
+RENAMED = {"save_every": "ckpt_every"}  # older key names in saved configs -> today's
+
+
+def upgrade(tree):
+    """A saved config (stage or run) with older key names renamed to today's (RENAMED), at any depth."""
+    if not isinstance(tree, dict):
+        return tree
+    return {RENAMED.get(k, k): upgrade(v) for k, v in tree.items()}
 
 
 @dataclass
-class StageConfig:
+class LlavaStageConfig:
+    """One LLaVA training stage (1: projector; 2: projector + LLM), a run folder of its own."""
+
     stage: int = 1
     steps: int = 100
     batch_size: int = 8
@@ -31,7 +48,7 @@ class StageConfig:
     weight_decay: float = 0.0
     bf16: bool = False
     seed: int = 0
-    save_every: int = 50
+    ckpt_every: int = 50
     keep_last: int = 2
     nan_patience: int = 5  # stop after this many non-finite steps in a row
     progress: bool = True
@@ -44,10 +61,10 @@ class StageConfig:
         return self.steps
 
 
-def validate_stage(cfg: StageConfig, name: str = "stage") -> StageConfig:
+def validate_stage(cfg: LlavaStageConfig, name: str = "stage") -> LlavaStageConfig:
     if cfg.stage not in (1, 2):
         raise ConfigError(f"{name}.stage must be 1 or 2, got {cfg.stage}")
-    for key in ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "nan_patience"):
+    for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "nan_patience"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{name}.{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.lr is None:
@@ -76,8 +93,8 @@ class BridgeConfig:
     synth_kinds: str = "shapes,text,chart"  # built-in scene kinds (comma-separated)
     stage2_types: str = ""  # built-in question types to keep (comma-separated; empty = all)
     stage2_turns: int = 1  # built-in stage 2: questions per image, one conversation (LLaVA-1.5's data is multi-turn)
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(stage=1, steps=100))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(stage=2, steps=200))
+    stage1: LlavaStageConfig = field(default_factory=lambda: LlavaStageConfig(stage=1, steps=100))
+    stage2: LlavaStageConfig = field(default_factory=lambda: LlavaStageConfig(stage=2, steps=200))
     eval_samples: int = 200
     seed: int = 0
     device: str = "auto"  # where the stages train: "auto" (cuda when there is one), "cpu", "cuda", "cuda:1" ...
@@ -90,7 +107,7 @@ class BridgeConfig:
         if not isinstance(d, dict) or "encoder" not in d or "out" not in d:
             raise ConfigError("not a bridge config (expected a mapping with encoder and out)")
         base = cls(encoder=str(d["encoder"]), out=str(d["out"]))
-        return validate(apply_tree(base, {k: v for k, v in d.items() if k not in ("encoder", "out")}))
+        return validate(apply_tree(base, {k: v for k, v in upgrade(d).items() if k not in ("encoder", "out")}))
 
 
 # what the model is made of: a resume into the same --out may never change these

@@ -13,25 +13,23 @@ Data: "synth" (built-in scenes: SynthCaptions for stage 1, SynthInstructions for
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
-from bridge.config import ARCHITECTURE, BridgeConfig, validate  # noqa: F401  (BridgeConfig is imported from here)
+from bridge.config import ARCHITECTURE, RUN_RESUME_SAFE, BridgeConfig, upgrade, validate
 from bridge.train import latest_weights, load_trainable, train_stage
 from ov2 import runfolder
 from ov2.config import ConfigError
-from ov2.resume import RESUME_SAFE, check_out, diff_configs
+from ov2.resume import check_out, check_resume
 
 CONFIG = "config.yaml"
-# what may differ between two calls into the same OUT besides steps (which may grow)
-SAFE = (*RESUME_SAFE, "out", "eval_samples", "device")
 
 
 def saved_config(out: str | Path) -> dict | None:
-    """The config an OUT was trained with (config.yaml; bridge_config.json from older runs), or None."""
+    """The config an OUT was trained with (config.yaml; bridge_config.json from older runs; older key names renamed
+    by bridge.config.upgrade), or None."""
     out = Path(out)
     for name, parse in ((CONFIG, yaml.safe_load), ("bridge_config.json", json.loads)):
         path = out / name
@@ -42,22 +40,17 @@ def saved_config(out: str | Path) -> dict | None:
                 raise ConfigError(f"{path} is damaged: it cannot be parsed") from None
             if not isinstance(tree, dict):
                 raise ConfigError(f"{path} does not hold a bridge config")
-            return tree
+            return upgrade(tree)
     return None
 
 
 def check_same_run(cfg: BridgeConfig) -> None:
-    """An existing OUT may only be continued with the same model and recipe (steps may grow)."""
+    """An existing OUT may only be continued with the same model and recipe (steps may grow; RUN_RESUME_SAFE keys
+    may change): the one check of every resume (ov2.resume.check_resume)."""
     saved = saved_config(cfg.out)
-    if saved is None:
-        return
-    diffs = [d for d in diff_configs(saved, asdict(cfg)) if d[0] not in SAFE and d[0].split(".")[-1] not in SAFE
-             and d[0].split(".")[-1] != "steps"]
-    if diffs:
-        arch = [d for d in diffs if d[0] in ARCHITECTURE]
-        listed = ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, a, b in (arch or diffs)[:5])
-        raise ConfigError(f"{cfg.out} holds a bridge run with another {'model' if arch else 'recipe'}: {listed}; "
-                          f"choose another --out")
+    if saved is not None:
+        check_resume(cfg.out, cfg, 0, saved, safe=RUN_RESUME_SAFE, architecture=ARCHITECTURE,
+                     where=f"{cfg.out} holds a bridge run: a rerun")
 
 
 def _device(name: str):
@@ -122,9 +115,7 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
         if dist.is_main():
             owner.enter_context(runfolder.RunLock(out))
             owner.enter_context(runfolder.track(out, key=key, kind="bridge"))
-            tmp = out / f".{CONFIG}.{os.getpid()}.tmp"
-            tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-            os.replace(tmp, out / CONFIG)
+            runfolder.write_config(out, asdict(cfg))
         dist.barrier()
         model.to(device)
         summary["stage1"] = train_stage(model, data1, collate, cfg.stage1, out / "stage1", inputs=(key,))

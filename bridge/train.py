@@ -1,13 +1,14 @@
 """One LLaVA training stage: the bridge's batches and answer loss on the one training loop (`ov2.loop`:
 gradient accumulation, bf16 autocast on the model's device, NaN guard) and the one run-folder contract; freeze per
-stage, AdamW with warm-up + cosine, checkpoints every `save_every` steps and exact resume, tqdm, JSONL metrics.
+stage, AdamW with warm-up + cosine, checkpoints every `ckpt_every` steps and exact resume, tqdm, JSONL metrics.
 
-Run folder of a stage (the same contract as a pretraining run, read by the same code):
-    config.yaml              the stage's StageConfig
+Run folder of a stage (the same contract as a pretraining run, written and read by the same code):
+    config.yaml              the stage's LlavaStageConfig
     status.json              running -> ok | failed | interrupted, key, wall time, peak memory (ov2.runfolder)
-    metrics.jsonl            one line per optimizer step: stage, step, loss, lr, tokens, seconds, peak_rss_mb
-    checkpoints/step_N/      model.safetensors (trainable parameters), optimizer.pt, rng_rank0.pt, trainer.json,
-                             config.yaml: written atomically, verified on load (ov2.checkpoint)
+    metrics.jsonl            one line per optimizer step, the one schema (ov2.runfolder.MetricsLog): step, loss, lr,
+                             elapsed_s, peak_rss_mb, then stage and tokens (answer tokens of the step's global batch)
+    checkpoints/step_N/      model.safetensors (trainable parameters), optimizer.pt, rng_rank{R}.pt, trainer.json,
+                             config.yaml: ov2.checkpoint.save / read (written atomically, verified on load)
     final.safetensors        the trained weights (trainable parameters only) once the stage is done
     done.json                summary (steps, final loss, wall time, peak memory); a finished stage is skipped
 The sample order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
@@ -18,25 +19,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from bridge.assemble import trainable_groups
-from bridge.config import DEFAULT_LR, StageConfig  # noqa: F401  (StageConfig is imported from here by callers)
+from bridge.config import RESUME_SAFE, LlavaStageConfig, upgrade
 from bridge.loss import AnswerLoss
 from ov2 import checkpoint as core
 from ov2 import distributed as dist
 from ov2 import runfolder
 from ov2.config import ConfigError
 from ov2.loop import LoopConfig, device_of, run_steps, warmup_cosine
-from ov2.resume import check_out, check_resume
+from ov2.resume import check_out, check_resume, saved_config
 
 
 def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
@@ -80,42 +79,16 @@ def load_trainable(model, path: Path | dict) -> None:
             params[n].copy_(t)
 
 
-def _read_ckpt(path: Path) -> dict:
-    rng = path / f"rng_rank{dist.rank()}.pt"
-    return {"model": load_file(str(path / "model.safetensors")),
-            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-            "rng": torch.load(rng, weights_only=True) if rng.is_file() else None,
-            "state": core.read_state(path)}
-
-
-def _save_ckpt(model, opt, step: int, cfg: StageConfig, out_dir: Path) -> Path:
-    """Collective under torchrun (every rank saves its RNG state; rank 0 the rest, and renames once)."""
-    final = core.step_path(out_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if dist.is_main():
-        core.begin(out_dir, step)
-    dist.barrier()
-    torch.save(torch.get_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
-    dist.barrier()
-    if dist.is_main():
-        save_file(trainable_state(model), str(tmp / "model.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-        core.commit(tmp, {"step": step}, cfg.keep_last)
-    dist.barrier()
-    return final
-
-
 def latest_weights(out_dir: str | Path) -> Path | None:
     """The stage's trained weights: final.safetensors when done, else its newest intact checkpoint's."""
     out_dir = Path(out_dir)
     if (out_dir / "final.safetensors").is_file():
         return out_dir / "final.safetensors"
-    found = core.newest(out_dir, lambda p: load_file(str(p / "model.safetensors")))
-    return found[0] / "model.safetensors" if found else None
+    found = core.newest(out_dir, core.read_weights)
+    return found[0] / core.WEIGHTS if found else None
 
 
-def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, *,
+def train_stage(model, dataset, collate, cfg: LlavaStageConfig, out_dir: str | Path, *,
                 stop_after: int | None = None, inputs: tuple = ()) -> dict:
     """Train one stage in place on `model`; -> summary dict. `stop_after` ends early (as an interruption would).
     `inputs` (keys of what the stage starts from: encoder, LLM) go into the stage's key."""
@@ -124,11 +97,11 @@ def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, 
     runfolder.check_unlocked(out_dir)
     groups = trainable_groups(model, stage=cfg.stage, unfreeze_vision=cfg.unfreeze_vision)
     done = out_dir / "done.json"
-    found = core.newest(out_dir, _read_ckpt)
+    found = core.newest(out_dir, core.read)
     step = found[1]["state"]["step"] if found else 0
-    check_resume(out_dir, cfg, step)
+    check_resume(out_dir, cfg, step, upgrade(saved_config(out_dir)), safe=RESUME_SAFE)
     if found:
-        _check_names(model, found[1]["model"], found[0])
+        _check_names(model, found[1]["weights"], found[0])
     if done.is_file() and (out_dir / "final.safetensors").is_file():
         summary = json.loads(done.read_text())
         if summary.get("steps", 0) >= cfg.steps:
@@ -146,28 +119,30 @@ def train_stage(model, dataset, collate, cfg: StageConfig, out_dir: str | Path, 
         if main:
             owner.enter_context(runfolder.RunLock(out_dir))
             owner.enter_context(runfolder.track(out_dir, key=key, kind=f"bridge_stage{cfg.stage}"))
-            tmp = out_dir / f".config.yaml.{os.getpid()}.tmp"
-            tmp.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-            os.replace(tmp, out_dir / "config.yaml")
+            runfolder.write_config(out_dir, asdict(cfg))
             runfolder.rewrite_metrics(out_dir / "metrics.jsonl", step)
+        state = {"step": 0, "nan_streak": 0, "elapsed": 0.0}
         if found:
-            load_trainable(model, found[1]["model"])
+            load_trainable(model, found[1]["weights"])
             opt.load_state_dict(found[1]["optimizer"])
-            if found[1]["rng"] is not None:
-                torch.set_rng_state(found[1]["rng"])
-        summary = _loop(model, dataset, collate, cfg, out_dir, opt, step, stop_after)
+            core.restore_rng(found[1])
+            state.update(found[1]["state"])
+        summary = _loop(model, dataset, collate, cfg, out_dir, opt, state, stop_after)
     if main and summary["steps"] < cfg.steps:
         runfolder.write_status(out_dir, "interrupted", error=f"stopped at step {summary['steps']}")
     return summary
 
 
-def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: int, stop_after) -> dict:
-    """The stage's steps on the one training loop (ov2.loop): the bridge supplies batches and the loss."""
+def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, state: dict, stop_after) -> dict:
+    """The stage's steps on the one training loop (ov2.loop) from `state` (step, nan_streak, elapsed; updated in
+    place): the bridge supplies batches and the loss."""
     loss_fn = AnswerLoss()
     order = SampleOrder(len(dataset), cfg.seed)
     device = device_of(model)
     model.train()
+    step = state["step"]
     t0, last, saved, tokens = time.time(), {}, {"step": step}, {"n": 0}
+    metrics = runfolder.MetricsLog(out_dir, elapsed=state["elapsed"], write=dist.is_main())
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {cfg.stage}", disable=not cfg.progress or not dist.is_main())
 
@@ -206,25 +181,23 @@ def _loop(model, dataset, collate, cfg: StageConfig, out_dir: Path, opt, step: i
             torch.distributed.all_reduce(p.grad)
             p.grad /= world
 
-    with (out_dir / "metrics.jsonl").open("a") if dist.is_main() else contextlib.nullcontext() as log_file:
-        def log(step: int, lr: float, terms: dict) -> None:  # the global batch's loss and answer tokens
-            last.update(stage=cfg.stage, step=step, loss=terms.get("global", terms["loss"]), lr=lr, tokens=tokens["n"],
-                        seconds=round(time.time() - t0, 3), peak_rss_mb=runfolder.peak_rss_mb())
-            tokens["n"] = 0
-            if log_file is not None:
-                log_file.write(json.dumps(last) + "\n")
-                log_file.flush()
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
+    def log(step: int, lr: float, terms: dict) -> None:  # the global batch's loss and answer tokens
+        state["elapsed"] = metrics.elapsed()
+        last.update(metrics.write(step, terms.get("global", terms["loss"]), lr, stage=cfg.stage, tokens=tokens["n"]))
+        tokens["n"] = 0
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
 
-        def save() -> None:
-            _save_ckpt(model, opt, state["step"], cfg, out_dir)
-            saved["step"] = state["step"]
+    def save() -> None:
+        main = dist.is_main()  # rank 0 writes the weights and optimizer state (all ranks hold the same)
+        core.save(out_dir, state["step"], weights=trainable_state(model) if main else {},
+                  optimizer=opt.state_dict() if main else {}, config=asdict(cfg), state=dict(state),
+                  keep_last=cfg.keep_last)
+        saved["step"] = state["step"]
 
-        state = {"step": step, "nan_streak": 0}
-        loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=cfg.bf16, nan_patience=cfg.nan_patience,
-                          ckpt_every=cfg.save_every)
-        run_steps(model, opt, loop, state=state, end=end, batch=batch, loss=loss, set_lr=set_lr, log=log,
-                  save=save, bar=bar, device=device, before_step=average_gradients if world > 1 else None)
+    loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=cfg.bf16, nan_patience=cfg.nan_patience,
+                      ckpt_every=cfg.ckpt_every)
+    run_steps(model, opt, loop, state=state, end=end, batch=batch, loss=loss, set_lr=set_lr, log=log,
+              save=save, bar=bar, device=device, before_step=average_gradients if world > 1 else None)
     bar.close()
     model.eval()
     summary = {"stage": cfg.stage, "steps": saved["step"], "final_loss": last.get("loss"),

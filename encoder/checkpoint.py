@@ -8,8 +8,10 @@
         trainer.json         step, data position, stage, counters, file sizes
         rng_rank{R}.pt       each process's torch RNG state (token dropping draws from it)
 
-Works for plain, DDP and FSDP2 models (full state dicts). A damaged newest checkpoint (a cut file) is reported
-and the newest intact one is used instead, by `--resume`, `caption`, `eval-encoder` and `export-encoder` alike.
+Saving and reading are `ov2.checkpoint.save` / `read` (the bridge stages use them too); this module only says what
+the weights and optimizer state are: full state dicts, so plain, DDP and FSDP2 models are saved alike. A damaged
+newest checkpoint (a cut file) is reported and the newest intact one is used instead, by `--resume`, `caption`,
+`eval-encoder` and `export-encoder` alike.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import yaml
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,16 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from encoder.config import ConfigError, TrainConfig, from_dict, to_dict
 from ov2 import checkpoint as core
-from ov2 import distributed as dist
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def save_config(cfg: TrainConfig, path: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def load_config(path: str) -> TrainConfig:
@@ -66,43 +59,18 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def save_checkpoint(run_dir: str, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict) -> str:
-    """Collective under torchrun: every rank calls it; rank 0 writes the shared files and renames once."""
-    model_state = get_model_state_dict(model, options=_FULL)
+    """Collective under torchrun (every rank calls it): the full state dicts, gathered from every rank, saved by the
+    one checkpoint scheme of `ov2.checkpoint`."""
+    weights = get_model_state_dict(model, options=_FULL)
     optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
-    tmp = core.step_path(run_dir, state["step"]).with_name(f"step_{state['step']:07d}.tmp")
-    if dist.is_main():
-        core.begin(run_dir, state["step"])
-    dist.barrier()
-    torch.save(torch.get_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
-    dist.barrier()
-    final = core.step_path(run_dir, state["step"])
-    if dist.is_main():
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
-        save_config(cfg, str(tmp / "config.yaml"))
-        final = core.commit(tmp, state, cfg.keep_last)
-    dist.barrier()
-    return str(final)
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """Everything a resume needs, read (and so checked) before anything is changed: weights, optimizer state,
-    this rank's RNG state, trainer state."""
-    path = Path(path)
-    rng_file = path / f"rng_rank{dist.rank()}.pt"
-    return {
-        "model": load_file(str(path / "model.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-        "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
-        "state": core.read_state(path),
-    }
+    return str(core.save(run_dir, state["step"], weights=weights, optimizer=optim_state, config=to_dict(cfg),
+                         state=state, keep_last=cfg.keep_last))
 
 
 def restore(bundle: dict, model: nn.Module) -> dict:
-    """Put a read checkpoint's weights and RNG state in place; return the trainer state."""
-    set_model_state_dict(model, bundle["model"], options=_FULL)
-    if bundle["rng"] is not None:
-        torch.set_rng_state(bundle["rng"])
+    """Put a read checkpoint's (`ov2.checkpoint.read`) weights and RNG state in place; return the trainer state."""
+    set_model_state_dict(model, bundle["weights"], options=_FULL)
+    core.restore_rng(bundle)
     return dict(bundle["state"])
 
 
@@ -111,7 +79,7 @@ def restore_optimizer(bundle: dict, model: nn.Module, optimizer: torch.optim.Opt
 
 
 def _read_weights(path: Path) -> tuple[dict, TrainConfig]:
-    return load_file(str(path / "model.safetensors")), load_config(str(path / "config.yaml"))
+    return core.read_weights(path), load_config(str(path / "config.yaml"))
 
 
 def resolve(path: str) -> str:

@@ -38,7 +38,9 @@ class ModelConfig:
 
 
 @dataclass
-class StageConfig:
+class PretrainStageConfig:
+    """One pretraining stage at one resolution (a TrainConfig holds one per stage, run one after the other)."""
+
     image_size: int = 64
     steps: int = 100
     batch_size: int = 32  # GLOBAL batch of one optimizer step; per process: micro_batch(stage, world, grad_accum)
@@ -71,7 +73,7 @@ class TrainConfig:
     preset: str = "ov2-tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    stages: list[PretrainStageConfig] = field(default_factory=lambda: [PretrainStageConfig()])
     grad_accum: int = 1
     weight_decay: float = 0.2  # decoupled, on weight matrices only
     beta1: float = 0.9
@@ -88,6 +90,13 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
+
+
+# what `--resume` may change (ov2.resume.check_resume): how often it logs and saves, how it reads data, how it runs on
+# the machine; and what makes the architecture (changing it is refused as such)
+RESUME_SAFE = ("log_every", "ckpt_every", "keep_last", "nan_patience", "data.workers", "data.max_bad_fraction",
+               "loss_impl", "distributed")
+ARCHITECTURE = ("model", "preset")
 
 
 # --- presets -------------------------------------------------------------------------------------------
@@ -111,7 +120,7 @@ RELEASED_DATA = dict(color_jitter=0.8 * 0.4, hue_jitter=0.2 * 0.4, color_jitter_
                      resize="bilinear")
 
 
-def micro_batch(stage: StageConfig, world_size: int = 1, grad_accum: int = 1) -> int:
+def micro_batch(stage: PretrainStageConfig, world_size: int = 1, grad_accum: int = 1) -> int:
     """Per-process batch of one micro-step: the stage's global batch / (world size x gradient accumulation)."""
     parts = world_size * grad_accum
     if stage.batch_size % parts:
@@ -132,8 +141,8 @@ def _paper_preset(size: str, patch: int, low: int, high: int, final: int | None 
         embed_dim=d_width,
     )
     stages = [
-        StageConfig(image_size=res, steps=PAPER_STAGES["steps"][i], batch_size=PAPER_STAGES["batch"][i],
-                    lr=PAPER_STAGES["lr"][i], warmup_steps=PAPER_STAGES["warmup"][i])
+        PretrainStageConfig(image_size=res, steps=PAPER_STAGES["steps"][i], batch_size=PAPER_STAGES["batch"][i],
+                            lr=PAPER_STAGES["lr"][i], warmup_steps=PAPER_STAGES["warmup"][i])
         for i, res in enumerate((low, high) if final is None else (low, high, final))
     ]
     return TrainConfig(model=model, stages=stages, data=DataConfig(**RELEASED_DATA))
@@ -149,8 +158,8 @@ def _tiny() -> TrainConfig:
         num_queries=48,
     )
     stages = [
-        StageConfig(image_size=32, steps=400, batch_size=32, lr=2e-3, warmup_steps=40),
-        StageConfig(image_size=64, steps=200, batch_size=32, lr=5e-4, warmup_steps=20),
+        PretrainStageConfig(image_size=32, steps=400, batch_size=32, lr=2e-3, warmup_steps=40),
+        PretrainStageConfig(image_size=64, steps=200, batch_size=32, lr=5e-4, warmup_steps=20),
     ]
     # built-in scenes name every object, its colour and position: augment gently so captions stay true
     data = DataConfig(crop_min_scale=0.85, color_jitter=0.1, grayscale_p=0.0)
@@ -168,8 +177,8 @@ def _micro() -> TrainConfig:
         num_queries=24,
     )
     stages = [
-        StageConfig(image_size=16, steps=12, batch_size=8, lr=2e-3, warmup_steps=2),
-        StageConfig(image_size=32, steps=8, batch_size=8, lr=5e-4, warmup_steps=1),
+        PretrainStageConfig(image_size=16, steps=12, batch_size=8, lr=2e-3, warmup_steps=2),
+        PretrainStageConfig(image_size=32, steps=8, batch_size=8, lr=5e-4, warmup_steps=1),
     ]
     data = DataConfig(crop_min_scale=0.85, color_jitter=0.1, grayscale_p=0.0, workers=0)
     return TrainConfig(model=model, data=data, stages=stages, weight_decay=0.05, log_every=2, ckpt_every=10)

@@ -8,8 +8,9 @@ AdamW (b1 0.9, b2 0.95, decoupled weight decay on Linear/Conv weight matrices on
 cosine to 0 within each stage, a fresh optimizer at each stage (stage 2 starts from stage 1's weights),
 gradient accumulation, optional bf16 autocast, a NaN/inf guard (skip the step; stop after `nan_patience`
 in a row), JSONL metrics, atomic checkpoints every `ckpt_every` steps and at the end of each stage. The steps
-themselves run on `ov2.loop.run_steps`, the loop the bridge stages use too; this module supplies the
-data (resumable loader), the model + losses, the LR schedule and the checkpoints.
+themselves run on `ov2.loop.run_steps`, checkpoints are saved and read by `ov2.checkpoint` and metrics written by
+`ov2.runfolder.MetricsLog`, as for the bridge stages; this module supplies the data (resumable loader), the model +
+losses, the LR schedule and what the checkpoints hold (encoder.checkpoint).
 
 The run folder follows the contract of `ov2.runfolder`: everything is checked (config, saved config,
 checkpoint) before anything is written; then the folder is locked, status.json says running -> ok / failed /
@@ -18,7 +19,6 @@ interrupted, and config.yaml, metrics.jsonl and checkpoints/ are written.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -28,13 +28,22 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from encoder import checkpoint as ckpt
-from encoder.config import ConfigError, StageConfig, TrainConfig, micro_batch, to_dict, validate
+from encoder.config import (
+    ARCHITECTURE,
+    RESUME_SAFE,
+    ConfigError,
+    PretrainStageConfig,
+    TrainConfig,
+    micro_batch,
+    to_dict,
+    validate,
+)
 from encoder.data.loader import DataError, make_loader
 from encoder.data.sources import open_source
 from encoder.models import build_losses, build_model, text_inputs
+from ov2 import checkpoint as core
 from ov2 import distributed as dist
 from ov2 import runfolder
-from ov2.checkpoint import newest as newest_checkpoint
 from ov2.loop import LoopConfig, NonFiniteLoss, run_steps, warmup_cosine
 from ov2.resume import check_out, check_resume
 
@@ -61,7 +70,7 @@ class TrainModule(nn.Module):
         return terms
 
 
-def lr_at(step_in_stage: int, stage: StageConfig) -> float:
+def lr_at(step_in_stage: int, stage: PretrainStageConfig) -> float:
     return stage.lr * warmup_cosine(step_in_stage, stage.steps, stage.warmup_steps)
 
 
@@ -91,7 +100,7 @@ def _model_inputs(batch: dict, device: torch.device) -> dict:
 def _check_weights(bundle: dict, module: nn.Module, path: str) -> None:
     """The checkpoint's tensors must be exactly the model's (names and shapes) before anything is loaded."""
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in bundle["model"].items()}
+    have = {k: tuple(v.shape) for k, v in bundle["weights"].items()}
     wrong = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
     if wrong:
         raise ConfigError(f"--resume: the checkpoint {path} does not fit this model "
@@ -108,11 +117,11 @@ class Trainer:
         runfolder.check_unlocked(out)
         self.resume_from, self.bundle = None, None
         if resume:
-            found = newest_checkpoint(out, ckpt.read_checkpoint)
+            found = core.newest(out, core.read)
             if found is None:
                 raise ConfigError(f"--resume: no checkpoint found in {out}")
             self.resume_from, self.bundle = str(found[0]), found[1]
-            check_resume(out, cfg, self.bundle["state"]["step"])
+            check_resume(out, cfg, self.bundle["state"]["step"], safe=RESUME_SAFE, architecture=ARCHITECTURE)
         elif ckpt.list_checkpoints(out):
             raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
         self.key = runfolder.config_key(to_dict(cfg))
@@ -127,13 +136,9 @@ class Trainer:
         self.bad_shards = len(getattr(source, "bad_shards", ()))
         self.source = source.split(dist.rank(), dist.world_size())
         self.empty_tries = 0
+        self.metrics: runfolder.MetricsLog | None = None
 
     # --- bookkeeping -----------------------------------------------------------------------------------
-
-    def _log(self, record: dict) -> None:
-        if dist.is_main():
-            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
 
     def _count(self, batch: dict) -> None:
         self.state["seen"] += batch["seen"]
@@ -168,7 +173,7 @@ class Trainer:
         with runfolder.RunLock(self.out), runfolder.track(self.out, key=self.key, kind="pretrain"):
             os.makedirs(os.path.join(self.out, "checkpoints"), exist_ok=True)
             ckpt.remove_tmp(self.out)
-            ckpt.save_config(self.cfg, os.path.join(self.out, "config.yaml"))
+            runfolder.write_config(self.out, to_dict(self.cfg))
             runfolder.rewrite_metrics(os.path.join(self.out, "metrics.jsonl"),
                                       self.bundle["state"]["step"] if self.bundle else 0)
             if self.bad_shards:
@@ -184,6 +189,7 @@ class Trainer:
         if self.bundle is not None:
             self.state = ckpt.restore(self.bundle, self.wrapped)
             bar.update(self.state["step"])
+        self.metrics = runfolder.MetricsLog(self.out, elapsed=self.state.get("elapsed", 0.0), write=dist.is_main())
         try:
             for index, (stage, (start, end)) in enumerate(zip(cfg.stages, bounds)):
                 optimizer = make_optimizer(self.module, cfg, stage.lr)
@@ -198,7 +204,7 @@ class Trainer:
         dist.teardown()
         return last
 
-    def _run_stage(self, index: int, stage: StageConfig, start: int, end: int, optimizer, bar) -> dict:
+    def _run_stage(self, index: int, stage: PretrainStageConfig, start: int, end: int, optimizer, bar) -> dict:
         cfg, state = self.cfg, self.state
         micro = micro_batch(stage, dist.world_size(), cfg.grad_accum)  # stage.batch_size is the global batch
         loader = make_loader(self.source, cfg.data, stage.image_size, micro, cfg.seed, state["position"],
@@ -220,15 +226,15 @@ class Trainer:
 
         def log(step: int, lr: float, terms: dict) -> None:
             nonlocal record
+            state["elapsed"] = self.metrics.elapsed()  # saved with the next checkpoint
             if step % cfg.log_every and step != end:
                 return
             now = time.perf_counter()
-            state["elapsed"] += now - clock["tick"]
-            record = {"step": step, "stage": index + 1, "lr": lr, **terms,
-                      "samples_per_s": clock["samples"] * dist.world_size() / max(now - clock["tick"], 1e-9),
-                      "seen": state["seen"], "skipped": sum(state["bad"].values()), "bad": dict(state["bad"]),
-                      "bad_shards": self.bad_shards, "elapsed_s": state["elapsed"]}
-            self._log(record)
+            record = self.metrics.write(
+                step, terms["loss"], lr, stage=index + 1, **{k: v for k, v in terms.items() if k != "loss"},
+                samples_per_s=clock["samples"] * dist.world_size() / max(now - clock["tick"], 1e-9),
+                seen=state["seen"], skipped=sum(state["bad"].values()), bad=dict(state["bad"]),
+                bad_shards=self.bad_shards)
             bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
             clock.update(tick=now, samples=0)
 

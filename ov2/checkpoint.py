@@ -7,6 +7,12 @@
         rng_rank{R}.pt       each process's torch RNG state
         config.yaml          the stage's config (a checkpoint folder is self-contained)
 
+    save(run, step, weights=..., optimizer=..., config=..., state=..., keep_last=3)   # every rank calls it
+    found = newest(run, read)        # (folder, {"weights", "optimizer", "rng", "state"}) or None
+    restore_rng(found[1])            # this rank's RNG state back in place
+
+Each trainer only says what its weights and optimizer state are (full state dicts of a DDP / FSDP model for
+pretraining; the trainable parameters for a bridge stage); saving and reading are the same for all.
 Writing: every file goes into `step_N.tmp/`, each is fsynced, trainer.json (with the sizes) is written last, and
 the folder is renamed to `step_N` once. A crash leaves either the old checkpoints or the new one, never half of one.
 Reading: `newest(run, load)` tries the checkpoints newest first; one whose files are missing or cut (sizes differ
@@ -27,6 +33,8 @@ from typing import TypeVar
 T = TypeVar("T")
 _STEP = re.compile(r"^step_(\d+)$")
 STATE = "trainer.json"
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -132,3 +140,65 @@ def newest(run: str | Path, load: Callable[[Path], T] | None = None, *, say=None
     if found:
         raise CheckpointError(f"no intact checkpoint in {run}: {'; '.join(problems)}")
     return None
+
+
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_rank{rank}.pt"
+
+
+def save(run: str | Path, step: int, *, weights: dict, optimizer: dict, config: dict, state: dict,
+         keep_last: int | None = None) -> Path:
+    """The checkpoint of `step`. Collective under torchrun: every rank calls it; rank 0 makes the temporary folder,
+    every rank saves its own RNG state into it, rank 0 writes `weights` (name -> tensor), the optimizer state, the
+    config and the trainer `state`, and renames once. Only rank 0's weights and optimizer state are written (the
+    other ranks may pass empty dicts)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ov2 import distributed as dist
+    from ov2.runfolder import write_config
+
+    final = step_path(run, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.is_main():
+        begin(run, step)
+    dist.barrier()
+    torch.save(torch.get_rng_state(), _rng_file(tmp, dist.rank()))
+    dist.barrier()
+    if dist.is_main():
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        torch.save(optimizer, tmp / OPTIMIZER)
+        write_config(tmp, config)
+        final = commit(tmp, state, keep_last)
+    dist.barrier()
+    return final
+
+
+def read_weights(path: str | Path) -> dict:
+    """The weights of a checkpoint folder (name -> tensor, on the CPU)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / WEIGHTS))
+
+
+def read(path: str | Path) -> dict:
+    """Everything a resume needs, read (and so checked) before anything is changed: weights, optimizer state (on the
+    CPU; tensors and numbers only), this rank's RNG state (None when the checkpoint has none for it), trainer state."""
+    import torch
+
+    from ov2 import distributed as dist
+
+    path = Path(path)
+    rng = _rng_file(path, dist.rank())
+    return {"weights": read_weights(path),
+            "optimizer": torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True),
+            "rng": torch.load(rng, weights_only=True) if rng.is_file() else None,
+            "state": read_state(path)}
+
+
+def restore_rng(bundle: dict) -> None:
+    """Put a read checkpoint's RNG state of this rank back in place (when it has one)."""
+    import torch
+
+    if bundle["rng"] is not None:
+        torch.set_rng_state(bundle["rng"])

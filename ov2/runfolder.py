@@ -1,7 +1,9 @@
 """The run-folder contract shared by every stage (pretraining, bridge stages, export, evaluation, `ov2 run`).
 
-    RUN/config.yaml          the stage's config
-    RUN/metrics.jsonl        one JSON object per line (a cut last line, from a crash or a full disk, is dropped)
+    RUN/config.yaml          the stage's config (write_config: written atomically)
+    RUN/metrics.jsonl        one JSON object per line, one schema for every trainer (MetricsLog): step, loss, lr,
+                             elapsed_s, peak_rss_mb (peak_gpu_mb on CUDA), then the trainer's own keys; a cut last
+                             line, from a crash or a full disk, is dropped on reading
     RUN/checkpoints/step_N/  training stages only
     RUN/status.json          {"state": running|ok|failed|interrupted|skipped, "key", "error", "started", "finished",
                               "wall_s", "peak_rss_mb", "pid", "host", ...}; written atomically, merged field by field
@@ -22,6 +24,7 @@ import json
 import os
 import resource
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -173,6 +176,63 @@ def check_unlocked(run: str | Path) -> None:
         raise RunLocked(f"{run} is in use by {holder}: wait for it to finish or choose another folder") from None
     finally:
         os.close(fd)
+
+
+def write_config(folder: str | Path, tree: dict) -> Path:
+    """FOLDER/config.yaml from a config dict (keys in their order), written atomically: a temporary name, one rename."""
+    import yaml
+
+    folder = Path(folder)
+    tmp = folder / f".config.yaml.{os.getpid()}.tmp"
+    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
+    os.replace(tmp, folder / "config.yaml")
+    return folder / "config.yaml"
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak CUDA memory allocated by this process in MiB (the current device), or None when CUDA is not in use."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl in the one schema of every trainer. Each record starts with
+
+        step, loss, lr, elapsed_s (seconds since the run began, resumes included), peak_rss_mb (peak_gpu_mb on CUDA)
+
+    and goes on with the trainer's own keys (stage, tokens, samples_per_s, the loss terms ...).
+
+        log = MetricsLog(run, elapsed=state["elapsed"], write=dist.is_main())  # the elapsed time a checkpoint saved
+        record = log.write(step, loss, lr, stage=1)                             # appended (on the writing rank)
+        state["elapsed"] = log.elapsed()                                        # goes into the next checkpoint
+    """
+
+    FIELDS = ("step", "loss", "lr", "elapsed_s", "peak_rss_mb")
+
+    def __init__(self, run: str | Path, *, elapsed: float = 0.0, write: bool = True):
+        self.path = Path(run) / "metrics.jsonl"
+        self.offset, self.start, self.enabled = float(elapsed), time.perf_counter(), write
+
+    def elapsed(self) -> float:
+        return self.offset + time.perf_counter() - self.start
+
+    def write(self, step: int, loss: float, lr: float, **extra) -> dict:
+        """The record of `step` (returned; appended to the file when this process writes)."""
+        clash = set(extra) & {*self.FIELDS, "peak_gpu_mb"}
+        if clash:
+            raise ValueError(f"metrics: {sorted(clash)} are set by MetricsLog itself")
+        record = {"step": step, "loss": loss, "lr": lr, "elapsed_s": round(self.elapsed(), 3),
+                  "peak_rss_mb": peak_rss_mb()}
+        gpu = peak_gpu_mb()
+        if gpu is not None:
+            record["peak_gpu_mb"] = gpu
+        record.update(extra)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
 
 
 def read_metrics(path: str | Path) -> list[dict]:

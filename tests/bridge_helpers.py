@@ -25,9 +25,9 @@ def write_our_checkpoint(folder: Path, layout: str = "openvision", seed: int = 0
 
     Returns the model; its LayerNorms and biases are randomised so that a wrong mapping cannot pass by accident.
     """
-    from encoder.checkpoint import save_config
-    from encoder.config import get_preset
+    from encoder.config import get_preset, to_dict
     from encoder.models import build_model
+    from ov2.runfolder import write_config
 
     cfg = get_preset("ov2-tiny")
     cfg.model.vit = tiny_vit_cfg(layout, image_size)
@@ -38,7 +38,7 @@ def write_our_checkpoint(folder: Path, layout: str = "openvision", seed: int = 0
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, str(folder / "config.yaml"))
+    write_config(folder, to_dict(cfg))
     save_file({"model." + k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     return model
 

@@ -23,8 +23,8 @@ pytestmark = [
 
 
 def test_smollm2_ov2_tiny_answers_heldout_colour_and_shape(tmp_path, ov2_tiny_run):
+    from bridge.config import LlavaStageConfig
     from bridge.pipeline import BridgeConfig, run
-    from bridge.train import StageConfig
 
     cfg = BridgeConfig(
         encoder=ov2_tiny_run,
@@ -32,8 +32,8 @@ def test_smollm2_ov2_tiny_answers_heldout_colour_and_shape(tmp_path, ov2_tiny_ru
         out=str(tmp_path / "run"),
         synth_kinds="shapes",
         stage2_types="colour,shape",
-        stage1=StageConfig(stage=1, steps=30, batch_size=8, progress=False),
-        stage2=StageConfig(stage=2, steps=80, batch_size=8, lr=2e-4, progress=False),
+        stage1=LlavaStageConfig(stage=1, steps=30, batch_size=8, progress=False),
+        stage2=LlavaStageConfig(stage=2, steps=80, batch_size=8, lr=2e-4, progress=False),
         eval_samples=64,
     )
     summary = run(cfg)

@@ -114,35 +114,37 @@ def _losses(folder):
 
 
 def test_stage1_and_stage2_lower_the_loss(tmp_path, ckpt, tokenizer):
+    from bridge.config import LlavaStageConfig
     from bridge.data import SynthCaptions, SynthInstructions
-    from bridge.train import StageConfig, train_stage
+    from bridge.train import train_stage
 
     model, collate, _ = build(ckpt, tokenizer)
     llm_before = model.model.language_model.layers[0].mlp.up_proj.weight.clone()
     tower_before = next(model.model.vision_tower.parameters()).clone()
-    s1 = StageConfig(stage=1, steps=24, batch_size=4, lr=3e-3, progress=False, warmup_ratio=0.1)
+    s1 = LlavaStageConfig(stage=1, steps=24, batch_size=4, lr=3e-3, progress=False, warmup_ratio=0.1)
     summary = train_stage(model, SynthCaptions(16, image_size=32), collate, s1, tmp_path / "s1")
     losses = _losses(tmp_path / "s1")
     assert len(losses) == 24 and summary["steps"] == 24
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.3
     assert torch.equal(llm_before, model.model.language_model.layers[0].mlp.up_proj.weight)  # LLM frozen
-    s2 = StageConfig(stage=2, steps=16, batch_size=4, grad_accum=2, lr=2e-3, progress=False)
+    s2 = LlavaStageConfig(stage=2, steps=16, batch_size=4, grad_accum=2, lr=2e-3, progress=False)
     train_stage(model, SynthInstructions(16, image_size=32), collate, s2, tmp_path / "s2")
     losses = _losses(tmp_path / "s2")
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.3
     assert not torch.equal(llm_before, model.model.language_model.layers[0].mlp.up_proj.weight)  # LLM trained
     assert torch.equal(tower_before, next(model.model.vision_tower.parameters()))  # tower frozen
     metrics = json.loads((tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"step", "loss", "lr", "tokens", "seconds", "peak_rss_mb"} <= set(metrics)
+    assert {"step", "loss", "lr", "tokens", "elapsed_s", "peak_rss_mb"} <= set(metrics)
 
 
 def test_resume_continues_exactly(tmp_path, ckpt, tokenizer):
+    from bridge.config import LlavaStageConfig
     from bridge.data import SynthInstructions
-    from bridge.train import StageConfig, train_stage, trainable_state
+    from bridge.train import train_stage, trainable_state
 
     data = SynthInstructions(12, image_size=32)
-    cfg = StageConfig(stage=2, steps=6, batch_size=3, lr=1e-3, save_every=2, progress=False, unfreeze_vision=True,
-                      vision_lr=1e-4)
+    cfg = LlavaStageConfig(stage=2, steps=6, batch_size=3, lr=1e-3, ckpt_every=2, progress=False, unfreeze_vision=True,
+                           vision_lr=1e-4)
     straight, collate, _ = build(ckpt, tokenizer)
     train_stage(straight, data, collate, cfg, tmp_path / "a")
 
@@ -164,14 +166,15 @@ def test_resume_continues_exactly(tmp_path, ckpt, tokenizer):
 
 
 def test_projector_learning_rate_of_its_own(tmp_path, ckpt, tokenizer):
+    from bridge.config import LlavaStageConfig
     from bridge.data import SynthInstructions
-    from bridge.train import StageConfig, train_stage
+    from bridge.train import train_stage
 
     model, collate, _ = build(ckpt, tokenizer)
     llm0 = model.model.language_model.layers[0].mlp.up_proj.weight.clone()
     proj0 = model.model.multi_modal_projector.linear_2.weight.clone()
-    cfg = StageConfig(stage=2, steps=1, batch_size=2, lr=1e-5, projector_lr=1e-2, warmup_ratio=0.0, save_every=1,
-                      progress=False)
+    cfg = LlavaStageConfig(stage=2, steps=1, batch_size=2, lr=1e-5, projector_lr=1e-2, warmup_ratio=0.0, ckpt_every=1,
+                           progress=False)
     train_stage(model, SynthInstructions(4, image_size=32), collate, cfg, tmp_path / "s2")
     from ov2.checkpoint import step_path
 
@@ -184,11 +187,12 @@ def test_projector_learning_rate_of_its_own(tmp_path, ckpt, tokenizer):
 
 
 def test_bf16_option_trains(tmp_path, ckpt, tokenizer):
+    from bridge.config import LlavaStageConfig
     from bridge.data import SynthInstructions
-    from bridge.train import StageConfig, train_stage
+    from bridge.train import train_stage
 
     model, collate, _ = build(ckpt, tokenizer)
-    cfg = StageConfig(stage=1, steps=2, batch_size=2, bf16=True, progress=False)
+    cfg = LlavaStageConfig(stage=1, steps=2, batch_size=2, bf16=True, progress=False)
     calls, summary = linear_calls(
         lambda: train_stage(model, SynthInstructions(4, image_size=32), collate, cfg, tmp_path / "bf16"))
     assert np.isfinite(summary["final_loss"])
@@ -228,3 +232,26 @@ def test_cli_train_export_chat(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0], err
     assert json.loads((out / "summary.json").read_text()) == summary  # the refused runs left the run alone
+
+
+def test_config_saved_with_the_old_save_every_key_still_loads(tmp_path):
+    """`save_every` (older runs) is today's `ckpt_every`: a saved run or stage config holding it loads and resumes."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from bridge.config import RESUME_SAFE, BridgeConfig, LlavaStageConfig, upgrade
+    from bridge.pipeline import check_same_run, saved_config
+    from ov2.config import ConfigError
+    from ov2.resume import check_resume
+
+    cfg = BridgeConfig(encoder="preset:ov2-micro", out=str(tmp_path), stage1=LlavaStageConfig(stage=1, ckpt_every=7))
+    old = asdict(cfg)
+    for stage in ("stage1", "stage2"):
+        old[stage]["save_every"] = old[stage].pop("ckpt_every")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert BridgeConfig.from_dict(saved_config(tmp_path)) == cfg
+    check_same_run(cfg)  # the same run: no complaint
+    check_resume(tmp_path, cfg.stage1, 3, upgrade(old["stage1"]), safe=RESUME_SAFE)
+    with pytest.raises(ConfigError, match="cannot change the recipe: lr"):
+        check_resume(tmp_path, LlavaStageConfig(stage=1, lr=0.5), 3, upgrade(old["stage1"]), safe=RESUME_SAFE)

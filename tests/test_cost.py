@@ -10,7 +10,7 @@ from PIL import Image
 
 from benchmarks.bench import flops
 from benchmarks.bench import train_cost as cost_train
-from encoder.config import ConfigError, StageConfig, get_preset, micro_batch
+from encoder.config import ConfigError, PretrainStageConfig, get_preset, micro_batch
 from encoder.data.transforms import adjust_hue, color_jitter, train_transform
 
 PAPER = {("ov2", "l14", 224): 208.90, ("ov1", "l14", 224): 271.75, ("ov2", "so400m14", 378): 1017.74,
@@ -62,11 +62,11 @@ def test_json_records_and_bad_input(capsys):
 
 
 def test_global_batch_splits_into_micro_batches():
-    assert micro_batch(StageConfig(batch_size=32_768), world_size=8, grad_accum=4) == 1024
+    assert micro_batch(PretrainStageConfig(batch_size=32_768), world_size=8, grad_accum=4) == 1024
     tiny = get_preset("ov2-tiny")
     assert [micro_batch(s) for s in tiny.stages] == [s.batch_size for s in tiny.stages]  # one process: unchanged
     with pytest.raises(ConfigError, match=r"global batch 32 .* world size 3 x grad_accum 2 = 6"):
-        micro_batch(StageConfig(batch_size=32), world_size=3, grad_accum=2)
+        micro_batch(PretrainStageConfig(batch_size=32), world_size=3, grad_accum=2)
 
 
 def test_so400m_recipe_and_released_augmentation():

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ov2 import checkpoint as core
-from ov2.runfolder import RunLock, read_run
+from ov2.runfolder import MetricsLog, RunLock, read_run
 from tests.helpers import ROOT, assert_close_scaled, run_cli
 
 MICRO = ["--preset", "ov2-micro", "--data.workers=0"]
@@ -29,10 +29,11 @@ def bridge_stage(ckpt, out, slow=0.0) -> None:
     from safetensors.torch import save_file
 
     from bridge.assemble import assemble
+    from bridge.config import LlavaStageConfig
     from bridge.data import Collator, SynthInstructions
     from bridge.llm import tiny_llama
     from bridge.towers import load_tower
-    from bridge.train import StageConfig, train_stage, trainable_state
+    from bridge.train import train_stage, trainable_state
     from ov2 import distributed
 
     distributed.setup()  # joins the process group when started by torchrun
@@ -51,7 +52,7 @@ def bridge_stage(ckpt, out, slow=0.0) -> None:
             time.sleep(slow)
             return data[i]
 
-    cfg = StageConfig(stage=2, steps=8, batch_size=2, lr=1e-3, save_every=1, progress=False)
+    cfg = LlavaStageConfig(stage=2, steps=8, batch_size=2, lr=1e-3, ckpt_every=1, progress=False)
     train_stage(model, Slow(), collate, cfg, out)
     rank = f".rank{distributed.rank()}" if distributed.world_size() > 1 else ""
     save_file(trainable_state(model), str(out.parent / f"{out.name}{rank}.final.safetensors"))
@@ -122,6 +123,14 @@ def test_pretraining_and_bridge_stage_folders_are_read_by_the_same_code(pretrain
             p.name for p in newest.iterdir()}
         assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     assert not (stage / "ckpt").exists()  # the bridge's old two-rename layout is gone
+
+
+def test_one_metrics_schema_for_every_trainer(pretrain_run, bridge_run):
+    for run, extra in ((pretrain_run, {"stage", "caption_loss", "samples_per_s"}), (bridge_run, {"stage", "tokens"})):
+        metrics = read_run(run)["metrics"]
+        assert metrics and all({*MetricsLog.FIELDS, *extra} <= set(r) for r in metrics), metrics[0]
+        elapsed = [r["elapsed_s"] for r in metrics]
+        assert elapsed == sorted(elapsed) and elapsed[-1] > 0
 
 
 def test_bridge_stage_resumes_exactly_after_kill9(our_ckpt, bridge_run, tmp_path):

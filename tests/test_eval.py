@@ -131,3 +131,23 @@ def test_image_token_mismatch_fails_the_task(evaluated, tmp_path):
     entry = scores["tasks"]["ov2_gqa"]
     assert entry["status"] == "failed" and "ERROR" in entry["error"], entry["error"]
     assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "failed"
+
+
+def test_an_empty_answer_is_a_wrong_answer_not_a_failed_task():
+    from benchmarks.evals.evaluate import check_answers
+    from benchmarks.evals.suite import metrics
+    from benchmarks.runner.results import _eval_rows
+
+    lines = [{"prediction": ""}, {"prediction": "  "}, {"prediction": "red"}, {"prediction": "no"}]
+    assert check_answers(lines, errors=[]) == 2  # counted, not raised: a weak model's silence is a result
+    for match, target in (("vqa", "red"), ("relaxed", "3"), ("ocr", "cat"), ("letter", "A"), ("yesno", "no")):
+        assert metrics.sample_record(match, "", target)["score"] == 0.0  # and scored 0 by every matcher
+    with pytest.raises(RuntimeError, match="lmms-eval logged an ERROR: boom"):
+        check_answers(lines, errors=["boom"])
+    with pytest.raises(RuntimeError, match="no answers"):
+        check_answers([], errors=[])
+    scores = {"tasks": {"ov2_gqa": {"status": "ok", "primary": "exact_match", "n": 4, "empty": 2, "chance": 0.1,
+                                    "metrics": {"exact_match": {"value": 0.25, "stderr": 0.2}}}}}
+    empty = [r for r in _eval_rows(scores) if r["metric"] == "empty_answers"]
+    assert empty == [{"task": "ov2_gqa", "metric": "empty_answers", "value": 0.5, "stderr": pytest.approx(float("nan"),
+                      nan_ok=True), "n": 4, "chance": pytest.approx(float("nan"), nan_ok=True), "primary": False}]

@@ -41,6 +41,9 @@ def _eval_rows(scores: dict) -> list[dict]:
             rows.append({"task": task, "metric": metric, "value": _num(m.get("value")), "stderr": _num(m.get("stderr")),
                          "n": res.get("n"), "chance": _num(res.get("chance")) if primary else math.nan,
                          "primary": primary})
+        if res.get("n") and res.get("empty") is not None:  # empty answers: scored 0 above, counted here
+            rows.append({"task": task, "metric": "empty_answers", "value": res["empty"] / res["n"], "stderr": math.nan,
+                         "n": res["n"], "chance": math.nan, "primary": False})
     return rows
 
 

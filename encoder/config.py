@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from encoder.models.decoder import DecoderConfig
+from encoder.models.registry import FAMILIES as REGISTRY
 from encoder.models.text import TextConfig
 from encoder.models.vit import ViTConfig
 from ov2.config import ConfigError, apply_overrides, apply_tree, read_yaml, set_value  # noqa: F401
@@ -208,7 +209,7 @@ _BASES = {
     "h14": lambda: _paper_preset("h", 14, 84, 224),
     "g14": lambda: _paper_preset("g", 14, 84, 224),
 }
-FAMILIES = ("ov2", "ov1", "clip")
+FAMILIES = tuple(REGISTRY)  # the model registry (encoder.models.registry) is the one table of families
 PRESETS = [f"{family}-{size}" for family in FAMILIES for size in _BASES]
 
 

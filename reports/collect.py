@@ -170,7 +170,7 @@ def load_run(run_dir: str | Path) -> dict:
                 samples.append({"encoder": enc, "task": path.stem, **row})
         for label, (stage, rel) in CURVES.items():
             for row in _jsonl(folder / stage / rel):
-                t = row.get("elapsed_s", row.get("seconds"))
+                t = row.get("elapsed_s")
                 curves.append({"encoder": enc, "curve": label, "step": row.get("step"), "loss": row.get("loss"),
                                "seconds": t})
         enc_eval[enc] = _json(folder / "encoder_eval" / "result.json")

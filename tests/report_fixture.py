@@ -150,7 +150,8 @@ def write_run(root: str | Path, encoders=("ov2", "ov1", "clip"), failed: tuple[s
             steps = 30 if st == "stage1" else 80
             steps = 7 if fail_at == 2 else steps
             _jsonl(folder / "bridge" / st / "metrics.jsonl", [
-                {"stage": j + 1, "step": s, "loss": 4.0 * np.exp(-s / (25 + 5 * j)) + 1.2 + 0.1 * k, "seconds": 1.1 * s}
+                {"stage": j + 1, "step": s, "loss": 4.0 * np.exp(-s / (25 + 5 * j)) + 1.2 + 0.1 * k,
+                 "elapsed_s": 1.1 * s}
                 for s in range(1, steps + 1)])
         if fail_at is None:
             summary = {"stage1": {"steps": 30}, "stage2": {"steps": 80}}

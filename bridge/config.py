@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ov2.config import ConfigError
+from ov2.precision import check_bf16
 
 DEFAULT_LR = {1: 1e-3, 2: 2e-5}
 # what a rerun may change: how often a stage saves, how it reports, when it gives up on non-finite losses ...
@@ -46,7 +47,7 @@ class LlavaStageConfig:
     vision_lr: float = 2e-6
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    bf16: bool = False
+    bf16: str = "auto"  # bf16 autocast: auto (where the device multiplies bf16 natively: ov2.precision), true, false
     seed: int = 0
     ckpt_every: int = 50
     keep_last: int = 2
@@ -64,6 +65,7 @@ class LlavaStageConfig:
 def validate_stage(cfg: LlavaStageConfig, name: str = "stage") -> LlavaStageConfig:
     if cfg.stage not in (1, 2):
         raise ConfigError(f"{name}.stage must be 1 or 2, got {cfg.stage}")
+    cfg.bf16 = check_bf16(cfg.bf16, f"{name}.bf16")
     for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "nan_patience"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{name}.{key} must be at least 1, got {getattr(cfg, key)}")

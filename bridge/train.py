@@ -35,6 +35,7 @@ from ov2 import distributed as dist
 from ov2 import runfolder
 from ov2.config import ConfigError
 from ov2.loop import LoopConfig, device_of, run_steps, warmup_cosine
+from ov2.precision import announce
 from ov2.resume import check_out, check_resume, saved_config
 
 
@@ -121,19 +122,21 @@ def train_stage(model, dataset, collate, cfg: LlavaStageConfig, out_dir: str | P
             owner.enter_context(runfolder.track(out_dir, key=key, kind=f"bridge_stage{cfg.stage}"))
             runfolder.write_config(out_dir, asdict(cfg))
             runfolder.rewrite_metrics(out_dir / "metrics.jsonl", step)
+        bf16 = announce(cfg.bf16, device_of(model), run=out_dir if main else None, main=main)
         state = {"step": 0, "nan_streak": 0, "elapsed": 0.0}
         if found:
             load_trainable(model, found[1]["weights"])
             opt.load_state_dict(found[1]["optimizer"])
             core.restore_rng(found[1])
             state.update(found[1]["state"])
-        summary = _loop(model, dataset, collate, cfg, out_dir, opt, state, stop_after)
+        summary = _loop(model, dataset, collate, cfg, out_dir, opt, state, stop_after, bf16)
     if main and summary["steps"] < cfg.steps:
         runfolder.write_status(out_dir, "interrupted", error=f"stopped at step {summary['steps']}")
     return summary
 
 
-def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, state: dict, stop_after) -> dict:
+def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, state: dict, stop_after,
+          bf16: bool) -> dict:
     """The stage's steps on the one training loop (ov2.loop) from `state` (step, nan_streak, elapsed; updated in
     place): the bridge supplies batches and the loss."""
     loss_fn = AnswerLoss()
@@ -194,7 +197,7 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
                   keep_last=cfg.keep_last)
         saved["step"] = state["step"]
 
-    loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=cfg.bf16, nan_patience=cfg.nan_patience,
+    loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=bf16, nan_patience=cfg.nan_patience,
                       ckpt_every=cfg.ckpt_every)
     run_steps(model, opt, loop, state=state, end=end, batch=batch, loss=loss, set_lr=set_lr, log=log,
               save=save, bar=bar, device=device, before_step=average_gradients if world > 1 else None)

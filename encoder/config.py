@@ -23,6 +23,7 @@ from encoder.models.registry import FAMILIES as REGISTRY
 from encoder.models.text import TextConfig
 from encoder.models.vit import ViTConfig
 from ov2.config import ConfigError, apply_overrides, apply_tree, read_yaml, set_value  # noqa: F401
+from ov2.precision import check_bf16
 
 
 @dataclass
@@ -79,7 +80,7 @@ class TrainConfig:
     weight_decay: float = 0.2  # decoupled, on weight matrices only
     beta1: float = 0.9
     beta2: float = 0.95
-    bf16: bool = False  # bf16 autocast
+    bf16: str = "auto"  # bf16 autocast: auto (where the device multiplies bf16 natively: ov2.precision), true, false
     seed: int = 0
     loss_impl: str = "auto"  # linear cross-entropy implementation: auto | torch | triton | eager
     log_every: int = 10
@@ -182,7 +183,9 @@ def _micro() -> TrainConfig:
         PretrainStageConfig(image_size=32, steps=8, batch_size=8, lr=5e-4, warmup_steps=1),
     ]
     data = DataConfig(crop_min_scale=0.85, color_jitter=0.1, grayscale_p=0.0, workers=0)
-    return TrainConfig(model=model, data=data, stages=stages, weight_decay=0.05, log_every=2, ckpt_every=10)
+    # float32 on every machine: the micro presets are smoke and test runs, whose numbers must mean the same on any CPU
+    return TrainConfig(model=model, data=data, stages=stages, weight_decay=0.05, log_every=2, ckpt_every=10,
+                       bf16="false")
 
 
 def equal_budget_recipe(steps: int = 400, batch: int = 64, size: int = 32) -> list[str]:
@@ -249,6 +252,7 @@ def from_dict(tree: dict) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
+    cfg.bf16 = check_bf16(cfg.bf16, "bf16")
     m = cfg.model
     if m.family not in FAMILIES:
         raise ConfigError(f"model.family must be one of {FAMILIES}, got {m.family!r}")

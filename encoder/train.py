@@ -45,6 +45,7 @@ from ov2 import checkpoint as core
 from ov2 import distributed as dist
 from ov2 import runfolder
 from ov2.loop import LoopConfig, NonFiniteLoss, run_steps, warmup_cosine
+from ov2.precision import announce
 from ov2.resume import check_out, check_resume
 
 MAX_EMPTY_TRIES = 10_000  # samples read in a row without a usable one before the run stops
@@ -174,6 +175,7 @@ class Trainer:
             os.makedirs(os.path.join(self.out, "checkpoints"), exist_ok=True)
             ckpt.remove_tmp(self.out)
             runfolder.write_config(self.out, to_dict(self.cfg))
+            self.bf16 = announce(self.cfg.bf16, self.device, run=self.out)
             runfolder.rewrite_metrics(os.path.join(self.out, "metrics.jsonl"),
                                       self.bundle["state"]["step"] if self.bundle else 0)
             if self.bad_shards:
@@ -183,6 +185,8 @@ class Trainer:
 
     def _loop(self) -> dict:
         cfg = self.cfg
+        if not dist.is_main():
+            self.bf16 = announce(cfg.bf16, self.device, main=False)
         bounds = _stage_bounds(cfg)
         bar = tqdm(total=cfg.total_steps, disable=not dist.is_main(), desc=cfg.preset, dynamic_ncols=True)
         last: dict = {}
@@ -238,7 +242,7 @@ class Trainer:
             bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
             clock.update(tick=now, samples=0)
 
-        loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=cfg.bf16, nan_patience=cfg.nan_patience,
+        loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=self.bf16, nan_patience=cfg.nan_patience,
                           ckpt_every=cfg.ckpt_every)
         run_steps(self.wrapped, optimizer, loop, state=state, end=end, batch=next_batch, loss=self.wrapped,
                   set_lr=set_lr, log=log, bar=bar, device=self.device,

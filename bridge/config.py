@@ -100,6 +100,7 @@ class BridgeConfig:
     eval_samples: int = 200
     seed: int = 0
     device: str = "auto"  # where the stages train: "auto" (cuda when there is one), "cpu", "cuda", "cuda:1" ...
+    blind: bool = False  # the no-vision control: no image reaches the LLM (bridge.assemble.make_blind)
 
     @classmethod
     def from_dict(cls, d: dict) -> BridgeConfig:
@@ -113,7 +114,7 @@ class BridgeConfig:
 
 
 # what the model is made of: a resume into the same --out may never change these
-ARCHITECTURE = ("encoder", "llm", "feature_layer", "seed")
+ARCHITECTURE = ("encoder", "llm", "feature_layer", "seed", "blind")
 
 
 def validate(cfg: BridgeConfig) -> BridgeConfig:

@@ -65,13 +65,15 @@ def _device(name: str):
 
 def build(cfg: BridgeConfig):
     """-> (model, processor, tower) freshly assembled (random projector; a preset: tower seeded by cfg.seed)."""
-    from bridge.assemble import assemble
+    from bridge.assemble import assemble, make_blind
     from bridge.llm import load_llm
     from bridge.towers import load_tower
 
     tower = load_tower(cfg.encoder, feature_layer=cfg.feature_layer, seed=cfg.seed)
     llm, tokenizer = load_llm(cfg.llm)
     model, processor = assemble(tower, llm, tokenizer, seed=cfg.seed)
+    if cfg.blind:
+        make_blind(model)
     return model, processor, tower
 
 

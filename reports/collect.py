@@ -200,7 +200,19 @@ def load_run(run_dir: str | Path) -> dict:
         "samples": samples, "scores": {show(k): v for k, v in scores.items()}, "curves": curves,
         "encoder_eval": {show(k): v for k, v in enc_eval.items() if v},
         "configs": {(show(e), name): text for (e, name), text in configs.items()}, "data_dir": run / "data",
+        "roles": {show(e): _role(e, show(e), experiment, results) for e in encoders},
     }
+
+
+def _role(encoder: str, label: str, experiment: dict, results: pd.DataFrame) -> str:
+    """encoder, or control (the experiment's blind / random-init runs, also per seed: blind-seed1): the results
+    table's role column (rows under their display label), else the experiment's `controls:`."""
+    roles = results.loc[results["encoder"] == label, "role"].dropna()
+    if len(roles):
+        return str(roles.iloc[0])
+    controls = experiment.get("controls")
+    controls = controls if isinstance(controls, list) else []
+    return "control" if encoder in controls or encoder.rsplit("-seed", 1)[0] in controls else "encoder"
 
 
 def load_paper(name: str | None, reference_dir: Path = REFERENCE_DIR) -> pd.DataFrame | None:

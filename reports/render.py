@@ -21,6 +21,7 @@ import jinja2
 import pandas as pd
 
 from reports import collect, figures
+from reports.controls import controls_section
 from reports.efficiency import efficiency
 from reports.examples import build_examples
 from reports.paper import family, paper_section
@@ -144,6 +145,8 @@ def context(run_dir: Path, compare: Path | None = None, results_dir: Path | None
         "curves": _curves(run, colour), "encoder_eval": _encoder_eval(run, colour),
         "efficiency": efficiency(family(run, ref) or "ov2", Path(results_dir or collect.RESULTS_DIR)),
         "paper": paper_section(run, summary), "failures": _failures(run), "provenance": _provenance(run),
+        "controls": controls_section(run, [c["task"] for c in summary["columns"]],
+                                     {c["task"]: c["label"] for c in summary["columns"]}),
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "generator": GENERATOR,
     }
     if compare is not None:

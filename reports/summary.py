@@ -29,7 +29,8 @@ def task_label(task: str) -> str:
 
 
 def reference_encoder(run: dict) -> str | None:
-    encoders = run["encoders"]
+    roles = run.get("roles") or {}
+    encoders = [e for e in run["encoders"] if roles.get(e, "encoder") != "control"]
     for name in encoders:
         if name.lower().startswith("ov2") or run["families"].get(name, "").lower().startswith("ov2"):
             return name
@@ -103,7 +104,8 @@ def build_summary(run: dict) -> dict:
                                 "hi": f"{r['hi'] * 100:+.1f}", "n": int(r["n"]), "significant": bool(r["significant"]),
                                 "sign": "up" if r["diff"] > 0 else "down"}
             cells.append(cell)
-        rows.append({"encoder": enc, "reference": enc == ref, "cells": cells})
+        rows.append({"encoder": enc, "reference": enc == ref, "cells": cells,
+                     "control": (run.get("roles") or {}).get(enc) == "control"})
     scores = [c["label"] for c in columns if not c["percent"]]
     note = (f"{_names(scores)} as {'a score' if len(scores) == 1 else 'scores'}, the rest in %" if scores
             else "All in %")
@@ -115,6 +117,7 @@ def _sentence(rows: list[dict], columns: list[dict], ref: str | None, run: dict)
     """What the run shows, in words: who leads, and which differences from the reference are real."""
     if not rows or not columns:
         return "No evaluation results were found in this run folder."
+    rows = [r for r in rows if not r.get("control")] or rows  # controls are read against in reports/controls.py
     wins = {r["encoder"]: sum(c["best"] for c in r["cells"]) for r in rows}
     leader = max(wins, key=wins.get)
     if wins[leader]:

@@ -14,7 +14,7 @@ from tests.helpers import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
-DEFAULT = os.path.join(ROOT, "benchmarks", "experiments", "default.yaml")
+DEFAULT = os.path.join(ROOT, "benchmarks", "runner", "experiments", "default.yaml")
 ENCODERS = ("openvision2", "openvision", "clip")
 
 
@@ -33,7 +33,11 @@ def test_every_encoder_has_every_task_and_a_report(quick_run):
     for enc in ENCODERS:
         tasks = set(primary.loc[primary["encoder"] == enc, "task"])
         assert set(SUITE_TASKS) | {"fmnist_probe", "fmnist_zeroshot", "fmnist_probe_init"} <= tasks, (enc, tasks)
+    for control in ("blind", "random-init"):  # the controls, bridged and evaluated as the encoders are
+        rows = primary[primary["encoder"] == control]
+        assert set(rows["role"]) == {"control"} and set(SUITE_TASKS) <= set(rows["task"]), (control, set(rows["task"]))
+    assert set(table.loc[table["encoder"].isin(ENCODERS), "role"]) == {"encoder"}
     assert primary["chance"].notna().all() and primary["value"].notna().all()
     html = (out / "report" / "index.html").read_text()
-    assert "openvision2" in html and "OCRBench" in html
+    assert "openvision2" in html and "OCRBench" in html and 'id="controls-table"' in html
     assert "openvision2" in res.stdout and "(chance)" in res.stdout  # the encoder x task table is printed

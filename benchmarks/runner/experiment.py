@@ -13,7 +13,12 @@
     bridge: {llm: smollm2, overrides: {stage1.steps: 30, stage2.steps: 80}}
     eval: {tasks: [ov2_gqa, ov2_pope], limit: 50}
     encoder_eval: {enabled: true, n_train: 2000, n_test: 1000}
+    controls: [blind, random-init]      # the default; [] turns them off
     quick: {eval: {limit: 8}, bridge: {overrides: {stage2.steps: 10}}}   # deep-merged over the rest by --quick
+
+Controls run beside the encoders, with the same bridge recipe and evaluation: `blind`, a bridge that no image
+reaches (the floor an encoder must clear), and `random-init`, the first preset encoder's tower at its initial
+weights (what pretraining adds; one control serves every family, as they share the tower).
 
 Read with the one config engine (`ov2.config.build`); every mistake (unknown key, wrong type, an encoder with no
 source or two) is an ExperimentError (a ConfigError): one line, exit 2. `pretrain:`, an encoder's `overrides:` and
@@ -35,6 +40,7 @@ from benchmarks.evals.suite.tasks import TASKS
 from ov2.config import ConfigError, build
 
 SUITE_TASKS = tuple(TASKS)  # the built-in suite: eval.tasks when the file names none
+CONTROLS = ("blind", "random-init")  # the no-vision floor and the untrained tower (runner/plan.py)
 SOURCES = ("preset", "checkpoint", "transformers", "openvision")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -95,6 +101,7 @@ class Experiment:
     nproc: int = 1
     paper: str | None = None
     report: bool = True
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
     quick: dict = field(default_factory=dict)
 
 
@@ -145,6 +152,13 @@ def from_dict(tree: dict, quick: bool = False) -> Experiment:
         raise ExperimentError(f"eval.limit must be at least 1, got {exp.eval.limit}")
     if exp.encoder_eval.n_train < 10 or exp.encoder_eval.n_test < 10:
         raise ExperimentError("encoder_eval.n_train and n_test must be at least 10")
+    unknown = [c for c in exp.controls if c not in CONTROLS]
+    if unknown or len(set(exp.controls)) != len(exp.controls):
+        raise ExperimentError(f"controls: choose each of {', '.join(CONTROLS)} at most once, got {exp.controls!r}")
+    taken = sorted(set(exp.controls) & set(exp.encoders))
+    if taken:
+        raise ExperimentError(f"encoders: {taken[0]!r} is the name of a control; rename the encoder or drop the "
+                              f"control (controls: [...])")
     return exp
 
 

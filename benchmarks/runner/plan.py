@@ -7,6 +7,9 @@ changing one encoder's config changes the keys of that encoder's stages only.
 
     RUN/encoders/<encoder>/<stage>/     status.json, stage.json (key, command), stage.log, the stage's own files
 
+After the encoders, each control of `controls:` (role "control"): `blind` and `random-init` get a bridge and an eval
+stage with the same recipe and tasks, their tower the first preset encoder's at its initial weights (control_tower).
+
 Building the plan checks every override against the real config it is meant for: `pretrain:` then the encoder's
 `overrides:` on its preset's TrainConfig (encoder.config), `bridge.overrides:` on the BridgeConfig (bridge.config),
 each followed by that config's `validate`. An unknown key, a bad type or value, an unknown preset or a key the runner
@@ -29,7 +32,7 @@ OV2 = [sys.executable, "-m", "ov2"]
 # config fields the runner sets for a stage itself: never in an experiment's overrides
 RUNNER_SETS = {"pretrain": {"preset": "encoders.NAME.preset", "seed": "seeds"},
                "bridge": {"encoder": "the encoder being bridged", "out": "the run folder", "llm": "bridge.llm",
-                          "seed": "seeds"}}
+                          "seed": "seeds", "blind": "controls: [blind]"}}
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Stage:
     command: list[str]
     deps: list[str] = field(default_factory=list)  # ids of the stages this one reads
     resumable: bool = False  # a training stage: an unfinished folder with the same key is resumed, not cleared
+    role: str = "encoder"  # encoder | control (blind, random-init)
 
     @property
     def id(self) -> str:
@@ -125,54 +129,90 @@ def pretrain_command(exp: Experiment, overrides: dict, preset: str, out: Path, r
             *(["--resume"] if resume else [])]
 
 
-def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path) -> list[Stage]:
-    name = enc.name if len(exp.seeds) == 1 else f"{enc.name}-seed{seed}"
-    root = run_dir / "encoders" / name
-    stages: list[Stage] = []
+class _Stages(list):
+    """The stages of one encoder (or control) and seed, in order, all under RUN/encoders/<name>/."""
 
-    def add(stage: str, key: str, command: list[str], deps: list[Stage], resumable: bool = False) -> Stage:
-        st = Stage(name, enc.label, seed, stage, key, root / stage, command, [d.id for d in deps], resumable)
-        stages.append(st)
+    def __init__(self, exp: Experiment, name: str, label: str, seed: int, run_dir: Path, role: str = "encoder"):
+        super().__init__()
+        self.exp, self.seed, self.run_dir, self.role = exp, seed, run_dir, role
+        self.name = name if len(exp.seeds) == 1 else f"{name}-seed{seed}"
+        self.label, self.root = label, run_dir / "encoders" / self.name
+
+    def add(self, stage: str, key: str, command: list[str], deps: list[Stage], resumable: bool = False) -> Stage:
+        st = Stage(self.name, self.label, self.seed, stage, key, self.root / stage, command, [d.id for d in deps],
+                   resumable, self.role)
+        self.append(st)
         return st
 
+    def bridge_and_eval(self, tower: str, tower_key: str, tower_deps: list[Stage], extra: dict | None = None) -> None:
+        """The LLaVA bridge of `tower` (the experiment's one recipe, plus `extra` bridge keys) and its evaluation."""
+        exp, root = self.exp, self.root
+        bridge_args = {**bridge_overrides(exp, tower, root / "bridge"), **(extra or {}), "seed": self.seed}
+        bridge = self.add("bridge", config_key("bridge", exp.bridge.llm, bridge_args, tower_key, exp.nproc),
+                          [*launch(exp, "bridge train", "bridge train"), "--encoder", tower, "--llm", exp.bridge.llm,
+                           "--out", str(root / "bridge"), *_args(bridge_args)], tower_deps, resumable=True)
+        ev = exp.eval
+        self.add("eval", config_key("eval", ev.tasks, ev.limit, bridge.key),
+                 [*launch(exp, "eval", "benchmarks.evals.evaluate"), str(bridge.folder / "model"),
+                  "--tasks", ",".join(ev.tasks), "--out", str(root / "eval"), "--data", str(self.run_dir / "data"),
+                  *(["--limit", str(ev.limit)] if ev.limit else [])], [bridge])
+
+
+def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path) -> list[Stage]:
+    stages = _Stages(exp, enc.name, enc.label, seed, run_dir)
+    root = stages.root
     ours_path, src_key, upstream, tower_deps = None, "", [], []
     if enc.source == "preset":
         overrides = {**pretrain_overrides(exp, enc), "seed": seed}
         key = config_key("pretrain", enc.preset, overrides, exp.nproc)
-        pre = add("pretrain", key, pretrain_command(exp, overrides, enc.preset, root / "pretrain", False), [],
-                  resumable=True)
+        pre = stages.add("pretrain", key, pretrain_command(exp, overrides, enc.preset, root / "pretrain", False), [],
+                         resumable=True)
         ours_path, src_key, upstream = str(pre.folder), pre.key, [pre]
     elif enc.source == "checkpoint":
         ours_path, src_key = os.path.abspath(enc.checkpoint), _source_key(enc.checkpoint)
     if ours_path is not None:
-        export = add("export", config_key("export", src_key),
-                     [*OV2, "export-encoder", ours_path, str(root / "export" / "encoder")], upstream)
+        export = stages.add("export", config_key("export", src_key),
+                            [*OV2, "export-encoder", ours_path, str(root / "export" / "encoder")], upstream)
         tower, tower_key, tower_deps = str(export.folder / "encoder"), export.key, [export]
     else:
         path = enc.transformers or enc.openvision
         tower, tower_key = os.path.abspath(path), _source_key(path)
-    bridge_args = {**bridge_overrides(exp, tower, root / "bridge"), "seed": seed}
-    bridge = add("bridge", config_key("bridge", exp.bridge.llm, bridge_args, tower_key, exp.nproc),
-                 [*launch(exp, "bridge train", "bridge train"), "--encoder", tower, "--llm", exp.bridge.llm,
-                  "--out", str(root / "bridge"),
-                  *_args(bridge_args)], tower_deps, resumable=True)
-    ev = exp.eval
-    add("eval", config_key("eval", ev.tasks, ev.limit, bridge.key),
-        [*launch(exp, "eval", "benchmarks.evals.evaluate"), str(bridge.folder / "model"), "--tasks", ",".join(ev.tasks),
-         "--out", str(root / "eval"),
-         "--data", str(run_dir / "data"),
-         *(["--limit", str(ev.limit)] if ev.limit else [])], [bridge])
+    stages.bridge_and_eval(tower, tower_key, tower_deps)
     ee = exp.encoder_eval
     if ee.enabled and ours_path is not None:
-        add("encoder_eval", config_key("encoder_eval", ee.n_train, ee.n_test, ee.baseline, src_key),
-            [*OV2, "eval-encoder", "--ckpt", ours_path, "--out", str(root / "encoder_eval" / "result.json"),
-             "--n-train", str(ee.n_train), "--n-test", str(ee.n_test), *(["--baseline"] if ee.baseline else [])],
-            upstream)
+        stages.add("encoder_eval", config_key("encoder_eval", ee.n_train, ee.n_test, ee.baseline, src_key),
+                   [*OV2, "eval-encoder", "--ckpt", ours_path, "--out", str(root / "encoder_eval" / "result.json"),
+                    "--n-train", str(ee.n_train), "--n-test", str(ee.n_test), *(["--baseline"] if ee.baseline else [])],
+                   upstream)
+    return stages
+
+
+def control_tower(exp: Experiment) -> str | None:
+    """The controls' tower: the first preset encoder's preset at its initial weights (`preset:NAME`, seeded by the
+    bridge's seed), None when no encoder is trained from a preset."""
+    presets = [enc.preset for enc in exp.encoders.values() if enc.source == "preset"]
+    return f"preset:{presets[0]}" if presets else None
+
+
+def _control_stages(exp: Experiment, control: str, seed: int, run_dir: Path) -> list[Stage]:
+    """blind: the recipe with no image reaching the LLM; random-init: the untrained tower, bridged the same way."""
+    tower = control_tower(exp)
+    if tower is None and control == "random-init":
+        return []  # no tower of ours to leave untrained
+    tower = tower or "preset:ov2-tiny"  # blind: any tower will do, none of it reaches the LLM
+    stages = _Stages(exp, control, control, seed, run_dir, role="control")
+    stages.bridge_and_eval(tower, config_key("control", control, tower), [],
+                           {"blind": True} if control == "blind" else None)
     return stages
 
 
 def build_plan(exp: Experiment, run_dir: Path) -> list[Stage]:
     """Every stage of the experiment in the order it runs: encoder by encoder, seed by seed; ConfigError for a bad
     override (nothing is created)."""
-    return [st for seed in exp.seeds for enc in exp.encoders.values()
-            for st in _encoder_stages(exp, enc, seed, Path(run_dir))]
+    stages = []
+    for seed in exp.seeds:
+        for enc in exp.encoders.values():
+            stages += _encoder_stages(exp, enc, seed, Path(run_dir))
+        for control in exp.controls:
+            stages += _control_stages(exp, control, seed, Path(run_dir))
+    return stages

@@ -19,7 +19,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from benchmarks.runner.plan import Stage
 
-COLUMNS = ["experiment", "encoder", "task", "metric", "value", "stderr", "n", "chance", "seed", "primary"]
+COLUMNS = ["experiment", "encoder", "role", "task", "metric", "value", "stderr", "n", "chance", "seed", "primary"]
 
 
 def _num(x) -> float:
@@ -74,7 +74,7 @@ def collect(experiment: str, stages: list[Stage]) -> pd.DataFrame:
         except (OSError, ValueError):
             continue
         for row in parse(data):
-            rows.append({"experiment": experiment, "encoder": st.encoder, "seed": st.seed, **row})
+            rows.append({"experiment": experiment, "encoder": st.encoder, "role": st.role, "seed": st.seed, **row})
     table = pd.DataFrame(rows, columns=COLUMNS)
     return table.astype({"value": float, "stderr": float, "chance": float})
 

@@ -167,7 +167,7 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
         # Mean over the global batch's answer tokens, not a mean of the ranks' means: each rank's share is weighted
         # by its tokens, so the averaged gradients equal one process's on the whole batch.
         counts = torch.stack([out["tokens"].float(), out["lm_loss"].detach().float() * out["tokens"]])
-        torch.distributed.all_reduce(counts)
+        dist.all_reduce_sum_(counts)
         tokens["n"] += int(counts[0])
         return {"loss": out["lm_loss"] * out["tokens"] * world / counts[0], "global": counts[1] / counts[0]}
 
@@ -181,7 +181,7 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
         for p in trainable:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
+            dist.all_reduce_sum_(p.grad)
             p.grad /= world
 
     def log(step: int, lr: float, terms: dict) -> None:  # the global batch's loss and answer tokens

@@ -55,7 +55,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """[B_r, E] on each rank -> [sum_r B_r, E] in rank order; gradients flow to the local rows."""
     if dist.world_size() == 1:
         return x
-    n = torch.tensor([x.shape[0]], device=x.device)
+    n = torch.tensor([x.shape[0]], device=dist.comm_device())
     sizes = [torch.zeros_like(n) for _ in range(dist.world_size())]
     torch_dist.all_gather(sizes, n)
     sizes = [int(s) for s in sizes]

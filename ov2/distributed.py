@@ -1,7 +1,10 @@
-"""Process-group helpers for `torchrun`: setup, rank queries, model wrapping (DDP or FSDP2), feature gather.
+"""Process-group helpers for `torchrun`: setup, rank queries, the collectives' device, model wrapping (DDP or
+FSDP2), feature gather.
 
 Single process runs need no launcher: every helper degrades to the one-process case.
-gloo on CPU, nccl on CUDA.
+gloo on CPU, nccl on CUDA. NCCL takes CUDA tensors only (a CPU tensor fails with "No backend type associated with
+device type cpu"): a tensor made for a collective is made on `comm_device()`, and a tensor that lives elsewhere is
+moved there for the collective.
 """
 
 from __future__ import annotations
@@ -14,14 +17,22 @@ import torch.nn as nn
 
 
 def setup() -> torch.device:
-    """Join the process group when launched by torchrun; return this process's device."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    """Join the process group when launched by torchrun; return this process's device (cuda:LOCAL_RANK on a GPU)."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+    if device is not None:
         torch.cuda.set_device(device)
-        return device
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        if device is not None:  # binding the device is what torch asks for: barrier() and NCCL's setup use it
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return device or torch.device("cpu")
+
+
+def comm_device() -> torch.device:
+    """The device of the tensors the process group's collectives take: cuda:LOCAL_RANK under nccl, cpu otherwise."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
 
@@ -44,15 +55,28 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        device = comm_device()
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def all_reduce_max(value: float) -> float:
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (a collective: every rank calls it)."""
     if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return bool(t.item())
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over the ranks, in place (a collective): on comm_device(), so a tensor elsewhere goes there and back."""
+    if not dist.is_initialized():
+        return t
+    on = t.to(comm_device())
+    dist.all_reduce(on)
+    if on is not t:
+        t.copy_(on)
+    return t
 
 
 def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
@@ -87,7 +111,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[B, D] per rank -> [world x B, D] in rank order; gradients flow back to the local shard."""
+    """[B, D] per rank, on comm_device() (where setup() puts the model) -> [world x B, D] in rank order; gradients
+    flow back to the local shard."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)

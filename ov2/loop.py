@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ov2.distributed import any_rank
+
 
 class NonFiniteLoss(RuntimeError):
     """The loss was not finite for `nan_patience` steps in a row."""
@@ -33,12 +35,6 @@ class LoopConfig:
     bf16: bool = False
     nan_patience: int = 5
     ckpt_every: int = 100
-
-
-def _any_rank(flag: bool) -> bool:
-    from ov2.distributed import all_reduce_max
-
-    return all_reduce_max(1.0 if flag else 0.0) > 0
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -74,7 +70,7 @@ def run_steps(module, optimizer, cfg: LoopConfig, *, state: dict, end: int,
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         if before_step is not None:  # e.g. averaging gradients over ranks for a model that DDP does not wrap
             before_step()
-        if _any_rank(not math.isfinite(terms_sum["loss"])):  # skip the step on every rank
+        if any_rank(not math.isfinite(terms_sum["loss"])):  # skip the step on every rank
             optimizer.zero_grad(set_to_none=True)
             state["nan_streak"] = state.get("nan_streak", 0) + 1
             if state["nan_streak"] >= cfg.nan_patience:

@@ -1,5 +1,7 @@
 """Several processes (gloo, CPU): a contrastive step on 2 ranks equals one process on the global batch (DDP, FSDP2,
-uneven shards); 2-process `torchrun` training of each preset family, then an exact resume from a checkpoint.
+uneven shards), and the ov2.distributed reductions (any_rank, all_reduce_sum_) agree across ranks; 2-process
+`torchrun` training of each preset family, then an exact resume from a checkpoint. (That every collective gets
+tensors on the group's device, as NCCL needs, is tests/test_collectives.py.)
 
 This file is also the worker script: `torchrun --standalone --nproc_per_node=2 tests/test_distributed.py OUT`.
 """
@@ -73,7 +75,10 @@ def worker(out: str) -> None:
         grads = _grads(module)
         if rank == 0:
             results[mode] = {"loss": torch.tensor(loss), **{f"grad.{k}": v for k, v in grads.items()}}
+    flags = torch.tensor([dist.any_rank(rank == 1), dist.any_rank(False)])  # the loop's NaN guard, the bridge's sum
+    summed = dist.all_reduce_sum_(torch.tensor([float(rank + 1)]))
     if rank == 0:
+        results["helpers"] = {"flags": flags, "summed": summed}
         torch.save(results, out)
     dist.teardown()
 
@@ -94,6 +99,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     ref = _grads(module)
     assert "losses.0.log_scale" in ref and "model.text.head.weight" in ref and "model.image_head.weight" in ref
     results = torch.load(out, weights_only=True)
+    helpers = results.pop("helpers")
+    assert helpers["flags"].tolist() == [True, False] and helpers["summed"].tolist() == [3.0]
     assert sorted(results) == ["ddp", "ddp_uneven", "fsdp"]
     for mode, got in results.items():
         assert_close_scaled(got["loss"], torch.tensor(ref_loss), msg=f"{mode}: loss")

@@ -20,14 +20,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from ov2.cli import fail
+from ov2.cli import ArgumentParser, fail
 
 
 def parse_train(argv: list[str]):
     from bridge.config import BridgeConfig, validate
     from ov2.config import apply_overrides, apply_tree, read_yaml
 
-    p = argparse.ArgumentParser(prog="ov2 bridge train", description="LLaVA-1.5 stage 1 + stage 2, then export",
+    p = ArgumentParser(prog="ov2 bridge train", description="LLaVA-1.5 stage 1 + stage 2, then export",
                                 epilog="any other field as --key=value, e.g. --stage1.steps=50 --eval_samples=8")
     p.add_argument("--encoder", required=True, help="our checkpoint/run folder, preset:NAME, HF or open_clip folder")
     p.add_argument("--llm", default="smollm2", help="smollm2 or a local transformers causal-LM folder")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 def export_encoder_main(argv: list[str] | None = None) -> int:
     from ov2.config import ConfigError
 
-    p = argparse.ArgumentParser(prog="ov2 export-encoder",
+    p = ArgumentParser(prog="ov2 export-encoder",
                                 description="write an encoder as a transformers ViTModel / CLIPVisionModel folder")
     p.add_argument("ckpt", help="our checkpoint or run folder (or preset:NAME, HF / open_clip folder)")
     p.add_argument("dir", help="destination folder (new or empty; never inside a run's checkpoints)")

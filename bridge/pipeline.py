@@ -5,7 +5,8 @@
                            # OUT/config.yaml, OUT/status.json, OUT/summary.json
 
 Everything is checked before anything is written: the config, an existing OUT's saved config (another encoder,
-LLM, feature layer or seed in the same OUT is refused), and the encoder itself (it is loaded first).
+LLM, feature layer or seed in the same OUT is refused; a non-empty OUT without one is the user's and refused), and
+the encoder itself (it is loaded first).
 Data: "synth" (built-in scenes: SynthCaptions for stage 1, SynthInstructions for stage 2) or a LLaVA JSON file
 (`stage1_data` / `stage2_data`, images under `image_root`).
 """
@@ -51,6 +52,19 @@ def check_same_run(cfg: BridgeConfig) -> None:
     if saved is not None:
         check_resume(cfg.out, cfg, 0, saved, safe=RUN_RESUME_SAFE, architecture=ARCHITECTURE,
                      where=f"{cfg.out} holds a bridge run: a rerun")
+
+
+RUNNER_FILES = {"stage.json", "stage.log", "status.json", ".lock"}  # what `ov2 run` keeps in a stage folder
+
+
+def check_ours(out: Path) -> None:
+    """An existing OUT without a bridge config.yaml may hold only what `ov2 run` writes there first: anything else
+    is the user's, and is never written over."""
+    if out.is_dir() and saved_config(out) is None:
+        theirs = sorted(p.name for p in out.iterdir() if p.name not in RUNNER_FILES)
+        if theirs:
+            raise ConfigError(f"--out {out} is a non-empty folder without a bridge config.yaml (it holds "
+                              f"{theirs[0]!r}{' ...' if len(theirs) > 1 else ''}): choose another --out")
 
 
 def _device(name: str):
@@ -105,6 +119,7 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     check_out(out)
     runfolder.check_unlocked(out)
     check_same_run(cfg)
+    check_ours(out)
     local = dist.setup()  # joins the process group under torchrun; cuda:LOCAL_RANK when there is a GPU
     device = local if cfg.device == "auto" else _device(cfg.device)
     model, processor, tower = build(cfg)  # a bad --encoder or --llm fails here, before anything is written

@@ -165,6 +165,11 @@ def load_tower(spec: str | Path, feature_layer: int = -2, seed: int = 0) -> Visi
         model_type = json.loads((folder / "config.json").read_text()).get("model_type")
         if model_type in HF_VISION_TYPES:
             return _hf_tower(folder, feature_layer)
+        if not (folder / "config.yaml").is_file() and not (folder / "open_clip_config.json").is_file():
+            what = "a LLaVA model" if "llava" in str(model_type).lower() else f"a transformers {model_type!r} model"
+            raise FileNotFoundError(
+                f"vision tower {spec!r} is {what} folder, not a vision encoder: give our checkpoint or run folder, "
+                f"preset:NAME, a transformers {'/'.join(sorted(HF_VISION_TYPES))} folder or an open_clip folder")
     if folder.is_dir() and (folder / "open_clip_config.json").is_file():
         return _openclip_tower(folder, feature_layer)
     if spec.startswith("preset:") or folder.exists():

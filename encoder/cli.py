@@ -11,7 +11,9 @@ import os
 import sys
 import warnings
 
-from ov2.cli import fail, os_error
+from ov2.cli import ArgumentParser, fail, os_error
+
+MAX_SYNTH_SIZE = 4096  # `ov2 data` image side: a 100000-px scene would need ~30 GB of memory
 
 TRAIN_EPILOG = """
 overrides: any config key as --key=value, by dotted path or by a unique leaf name, e.g.
@@ -67,12 +69,23 @@ def train_main(argv: list[str]) -> int:
 
         if isinstance(err, (DataError, TrainingStopped, CheckpointError)):
             return fail(prog, err, 1)
+        if isinstance(err, RuntimeError) and _disk_full(args.out):  # torch.save's zip writer loses the errno
+            return fail(prog, f"no space left on the device ({args.out}): {str(err).splitlines()[0][:200]}", 1)
         if isinstance(err, ValueError):
             return fail(prog, err)
         raise
     if record:
         print(f"done: step {record['step']} loss {record['loss']:.4f} -> {args.out}")
     return 0
+
+
+def _disk_full(out: str) -> bool:
+    import shutil
+
+    try:
+        return shutil.disk_usage(out).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _resume_base(out: str):
@@ -86,8 +99,8 @@ def _resume_base(out: str):
 
 
 def data_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ov2 data", description="Training data tools.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = ArgumentParser(prog="ov2 data", description="Training data tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{synth,samples}")
     synth = sub.add_parser("synth", help="write built-in captioned scenes as webdataset shards",
                            description="Write built-in captioned scenes (shapes, words, charts) as webdataset "
                                        "shards: KEY.png + KEY.json ({caption, alt, kind}) + KEY.txt.")
@@ -104,12 +117,17 @@ def data_main(argv: list[str]) -> int:
     samples.add_argument("--out", required=True)
     samples.add_argument("--seed", type=int, default=999)
     samples.add_argument("--size", type=int, default=64)
+    samples.add_argument("--force", action="store_true", help="write into a non-empty folder (replacing scene_*.png)")
     args = parser.parse_args(argv)
     prog = f"ov2 data {args.cmd}"
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return fail(prog, f"--out {args.out} is a file, not a folder")
-    if args.n <= 0 or args.size <= 0:
-        return fail(prog, "--n and --size must be positive")
+    if args.n <= 0:
+        return fail(prog, f"--n must be positive, got {args.n}")
+    if not 0 < args.size <= MAX_SYNTH_SIZE:
+        return fail(prog, f"--size must be between 1 and {MAX_SYNTH_SIZE} pixels, got {args.size}")
+    if args.cmd == "samples" and os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
+        return fail(prog, f"{args.out} is not empty: choose a new folder, or pass --force to write scene_*.png there")
     try:
         if args.cmd == "samples":
             from encoder.data.synth import make_scene
@@ -133,7 +151,7 @@ def data_main(argv: list[str]) -> int:
 
 
 def caption_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ov2 caption", description="Greedy captions from an OpenVision 2 checkpoint.")
+    parser = ArgumentParser(prog="ov2 caption", description="Greedy captions from an OpenVision 2 checkpoint.")
     parser.add_argument("--ckpt", required=True, help="run folder (newest intact checkpoint) or checkpoint folder")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--max-len", type=int, default=48, help="maximum caption tokens")
@@ -152,13 +170,17 @@ def caption_main(argv: list[str]) -> int:
         return fail(prog, f"--max-len must be at least 1, got {args.max_len}")
     try:
         model, cfg = load_model(args.ckpt)
-    except (FileNotFoundError, ConfigError) as err:
+    except (FileNotFoundError, NotADirectoryError, ConfigError) as err:
+        if os.path.isfile(os.path.join(args.ckpt, "config.json")):
+            return fail(prog, f"--ckpt {args.ckpt} is a transformers folder (config.json), not one of our run or "
+                              "checkpoint folders (config.yaml)")
         return fail(prog, err)
     if not hasattr(model, "generate"):
         return fail(prog, f"a {cfg.model.family} model has no caption decoder to generate with")
-    size = args.size or cfg.stages[-1].image_size
-    if size <= 0 or size % cfg.model.vit.patch_size:
-        return fail(prog, f"--size {size} must be a positive multiple of the patch size {cfg.model.vit.patch_size}")
+    size = cfg.stages[-1].image_size if args.size is None else args.size
+    if not 0 < size <= MAX_SYNTH_SIZE or size % cfg.model.vit.patch_size:
+        return fail(prog, f"--size {size} must be a multiple of the patch size {cfg.model.vit.patch_size} between "
+                          f"1 and {MAX_SYNTH_SIZE}")
     transform = eval_transform(size)
     images = []
     for path in args.images:

@@ -14,6 +14,7 @@ traceback); 1 a failure while running; 130 interrupted (one line saying how to r
 
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib
 import sys
@@ -45,6 +46,29 @@ def fail(prog: str, message, code: int = 2) -> int:
     line = (str(message).strip().splitlines() or ["error"])[0]
     print(f"{prog}: error: {line}", file=sys.stderr)
     return code
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake as one line (`PROG: error: ...`, exit 2) instead of usage text plus the error."""
+
+    def error(self, message: str):
+        sys.exit(fail(self.prog, message))
+
+
+def positive(kind=int, zero: bool = False):
+    """An argparse type: a finite number > 0 (>= 0 with `zero`), else one line naming the value."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value == value or value in (float("inf"), float("-inf")) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"expected a {'non-negative' if zero else 'positive'} number, "
+                                             f"got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def os_error(prog: str, err: OSError) -> int:

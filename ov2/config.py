@@ -2,7 +2,7 @@
 
     cfg = apply_overrides(cfg, ["--model.keep_ratio=0.25", "--stages.0.steps=50", "--seed=3"])
     cfg = apply_tree(cfg, {"model": {"vit": {"width": 64}}, "stages": [{"steps": 5}]})   # YAML, nested
-    tree = read_yaml(path)                   # a mapping, or ConfigError
+    tree = read_yaml(path)                   # a mapping, or ConfigError (a key twice, alias bombs, not UTF-8)
     exp = build(Experiment, tree)            # a whole dataclass tree from a YAML mapping (defaults for the rest)
     flatten({"model": {"vit": {"width": 64}}})   # -> {"model.vit.width": 64}
 
@@ -217,15 +217,79 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str) -> dict:
-    """A YAML file that must hold a mapping (safe_load: no tags are ever run)."""
+MAX_YAML_VALUES = 100_000  # a YAML file expanding to more values than this (aliases of aliases) is refused
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load (no tags are ever run) that refuses a key given twice in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if twice and key != "<<":
+                raise ConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                                  "each key once")
+        return super().construct_mapping(node, deep)
+
+
+def _expanded(node, memo: dict, open_: set) -> int:
+    """How many values `node` stands for once its aliases are expanded (an alias counts its whole anchor)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_:
+        raise ConfigError("a YAML alias refers to the value that holds it")
+    open_.add(id(node))
+    children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else (
+        node.value if isinstance(node, yaml.SequenceNode) else [])
+    memo[id(node)] = count = 1 + sum(_expanded(c, memo, open_) for c in children)
+    open_.discard(id(node))
+    if count > MAX_YAML_VALUES:
+        raise ConfigError(f"expands to more than {MAX_YAML_VALUES} values through YAML aliases (*name)")
+    return count
+
+
+def load_yaml(text: str):
+    """A YAML document as Python values: safe tags only, each mapping key once, at most MAX_YAML_VALUES values
+    after alias expansion; ConfigError or yaml.YAMLError otherwise."""
+    loader = _Loader(text)
     try:
-        with open(path) as f:
-            tree = yaml.safe_load(f)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded(node, {}, set())
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError("nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: str, what: str = "config file"):
+    """The YAML value in the file at `path` (UTF-8 text), or ConfigError naming the file in one line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        return load_yaml(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{what} {path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML file that must hold a mapping (see read_yaml_file)."""
+    tree = read_yaml_file(path)
     if tree is None:
         return {}
     if not isinstance(tree, dict):

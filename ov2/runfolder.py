@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -53,9 +54,20 @@ def peak_rss_mb() -> float:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary name and rename; on a full disk, rewrite an existing file in place instead (in the
+    blocks it already holds), so that a status can still say what happened."""
+    text = json.dumps(data, indent=1, default=str) + "\n"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno != errno.ENOSPC or not path.is_file():
+            raise
+        with open(path, "r+") as f:
+            f.write(text)
+            f.truncate()
 
 
 def read_status(run: str | Path) -> dict | None:

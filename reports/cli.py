@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from ov2.cli import fail
+from ov2.cli import ArgumentParser, fail
 
 
 def main(argv: list[str] | None = None) -> int:
     lines = __doc__.splitlines()
-    parser = argparse.ArgumentParser(prog="ov2 report", description=lines[0], epilog="\n".join(lines[1:]),
+    parser = ArgumentParser(prog="ov2 report", description=lines[0], epilog="\n".join(lines[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", metavar="RUN_DIR", help="an `ov2 run` output folder")
     parser.add_argument("--out", metavar="FILE", default=None,

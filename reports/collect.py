@@ -92,6 +92,7 @@ def read_results(run: Path) -> pd.DataFrame:
         table[col] = pd.to_numeric(table[col], errors="coerce")
     if table["primary"].notna().any():  # csv gives True/False (or "True"/"False" after a round trip)
         table["primary"] = table["primary"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+    table["metric"] = table["metric"].where(table["metric"].notna(), "value")  # a table of encoder,task,value
     table["encoder"] = table["encoder"].astype(str)
     table["task"] = table["task"].astype(str)
     return table

@@ -32,9 +32,24 @@ TEMPLATES = Path(__file__).with_name("templates")
 GENERATOR = "ov2 report"
 
 
+MAX_CHARTS, MAX_BARS = 24, 40  # per-task charts: at most this many tasks, each with at most this many encoders
+
+
+def _charts_note(summary: dict) -> str:
+    tasks, encoders = len(summary["columns"]), len(summary["rows"])
+    if encoders > MAX_BARS:
+        return f"No per-task charts for {encoders} encoders (at most {MAX_BARS}): the table above holds every value."
+    if tasks > MAX_CHARTS:
+        return f"Charts of the first {MAX_CHARTS} of {tasks} tasks; the table above holds every value."
+    return ""
+
+
 def _task_charts(summary: dict, colour: dict) -> list[dict]:
+    """One bar chart per task (each takes a matplotlib figure: capped by MAX_CHARTS and MAX_BARS, see _charts_note)."""
     charts = []
-    for i, col in enumerate(summary["columns"]):
+    if len(summary["rows"]) > MAX_BARS:
+        return charts
+    for i, col in enumerate(summary["columns"][:MAX_CHARTS]):
         bars = [{"encoder": r["encoder"], "value": r["cells"][i]["value"], "stderr": r["cells"][i]["stderr"]}
                 for r in summary["rows"]]
         scale = 100.0 if col["percent"] else 1.0
@@ -140,7 +155,7 @@ def context(run_dir: Path, compare: Path | None = None, results_dir: Path | None
     ref = summary["reference"] or ""
     ctx = {
         "title": f"ov2 report: {run['name']}", "run": run, "summary": summary, "colour": colour,
-        "charts": _task_charts(summary, colour),
+        "charts": _task_charts(summary, colour), "charts_note": _charts_note(summary),
         "examples": build_examples(run["samples"], run["encoders"], run["data_dir"]),
         "curves": _curves(run, colour), "encoder_eval": _encoder_eval(run, colour),
         "efficiency": efficiency(family(run, ref) or "ov2", Path(results_dir or collect.RESULTS_DIR)),

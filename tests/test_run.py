@@ -67,6 +67,8 @@ def stage_lines(stderr: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, tiny_llm):
     tmp = tmp_path_factory.mktemp("run")
+    (tmp / "no-such-run").mkdir()  # a damaged run: the plan finds its config.yaml, the export cannot read it
+    (tmp / "no-such-run" / "config.yaml").write_text("model: [unclosed\n")
     tree = experiment(tiny_llm, a={"preset": "ov2-micro"}, b={"preset": "clip-micro"},
                       broken={"checkpoint": str(tmp / "no-such-run")})
     exp = write(tmp, tree)

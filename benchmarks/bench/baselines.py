@@ -27,7 +27,10 @@ import time
 from benchmarks.bench.results import RESULTS, ROOT
 from encoder.config import equal_budget_recipe
 from encoder.models.registry import FAMILIES
+from ov2.cli import ArgumentParser, fail, positive
 from ov2.runfolder import read_status
+
+COUNT, COUNT0 = positive(int), positive(int, zero=True)  # argparse types: > 0, >= 0
 
 
 def train(preset: str, out: str, args: list[str]) -> dict:
@@ -64,28 +67,36 @@ def table(rows: dict, note: str, size: str = "micro") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ov2 bench baselines", description=__doc__,
+    parser = ArgumentParser(prog="ov2 bench baselines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400, help="training steps of every family (default 400)")
-    parser.add_argument("--batch", type=int, default=64, help="batch size of every family (default 64)")
-    parser.add_argument("--size", type=int, default=32, help="training and evaluation resolution (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (initial weights, data order)")
+    parser.add_argument("--steps", type=COUNT, default=400, help="training steps of every family (default 400)")
+    parser.add_argument("--batch", type=COUNT, default=64, help="batch size of every family (default 64)")
+    parser.add_argument("--size", type=COUNT, default=32, help="training and evaluation resolution (default 32)")
+    parser.add_argument("--seed", type=COUNT0, default=0, help="the runs' seed (initial weights, data order)")
     parser.add_argument("--full-tiny", action="store_true", help="the tiny presets' own towers (slow on CPU)")
     parser.add_argument("--out", default="runs/baselines", help="run folder, one sub-folder per family")
     parser.add_argument("--table", default=os.path.join(RESULTS, "baselines_cpu.md"),
                         help="Markdown table to write (default benchmarks/results/baselines_cpu.md)")
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma list (default {','.join(FAMILIES)})")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --table")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --table and OUT/results.json")
     args = parser.parse_args(argv)
+    prog = "ov2 bench baselines"
     from encoder.checkpoint import latest_checkpoint, load_model
     from encoder.evaluate import evaluate
 
-    families = args.families.split(",")
+    families = [f for f in args.families.split(",") if f]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        return fail(prog, f"--families: unknown family {bad[0] if bad else '(none given)'!r}; choose from "
+                          f"{', '.join(FAMILIES)}")
+    results = os.path.join(args.out, "results.json")
+    if os.path.exists(results) and not args.force:
+        return fail(prog, f"{results} exists: pass --force to overwrite it, or another --out")
     for family in families:
         if latest_checkpoint(os.path.join(args.out, family)):
-            parser.error(f"{os.path.join(args.out, family)} already holds a run: remove it or pass another --out")
+            return fail(prog, f"{os.path.join(args.out, family)} already holds a run: remove it or pass another --out")
     if os.path.exists(args.table) and not args.force:
-        parser.error(f"{args.table} exists: pass --force to overwrite it")
+        return fail(prog, f"{args.table} exists: pass --force to overwrite it")
 
     size = "tiny" if args.full_tiny else "micro"
     overrides = equal_budget_recipe(args.steps, args.batch, args.size) + [f"--seed={args.seed}"]

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench.results import RESULTS, OutputExists, check_writable, write_results
-from ov2.cli import fail
+from ov2.cli import ArgumentParser, fail
 
 
 def cpu_flags() -> str:
@@ -90,7 +90,7 @@ def table(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ov2 bench bridge", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="ov2 bench bridge", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--encoder", default="preset:ov2-tiny", help="any bridge encoder (default preset:ov2-tiny)")

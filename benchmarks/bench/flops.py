@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench.results import RESULTS, OutputExists, check_writable, markdown_table, write_results
 from encoder.config import FAMILIES
-from ov2.cli import fail
+from ov2.cli import ArgumentParser, fail
 
 PRESETS = ("b16", "l14", "so400m14", "h14", "g14")
 # The paper's forward GFLOPs per image (OpenVision 2, arXiv 2509.01644); SoViT-400M "@384" is our 378 px
@@ -173,7 +173,7 @@ def render(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ov2 bench flops", description=__doc__,
+    parser = ArgumentParser(prog="ov2 bench flops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the records as one JSON list (for scripts)")
     parser.add_argument("--presets", default=",".join(PRESETS), help="comma list of sizes (default all)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -32,7 +33,7 @@ import sys
 import time
 
 from benchmarks.bench.results import RESULTS, ROOT, OutputExists, check_writable, write_results
-from ov2.cli import fail
+from ov2.cli import ArgumentParser, fail, positive
 from ov2.runfolder import peak_rss_mb
 
 SHAPES = {"caption": (768, 32000), "bridge": (576, 49152)}
@@ -127,11 +128,19 @@ def _child(method, n, d, v, args) -> dict:
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
-        return {"method": method, "n": n, "d": d, "v": v, "skipped": f"timeout after {args.timeout}s"}
+        return {"method": method, "n": n, "d": d, "v": v, "error": f"timeout after {args.timeout}s"}
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
-        return {"method": method, "n": n, "d": d, "v": v, "skipped": f"exit {proc.returncode}: {tail}"}
+        return {"method": method, "n": n, "d": d, "v": v, "error": f"exit {proc.returncode}: {tail}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _failure(row: dict) -> str | None:
+    """Why a measured row is not a result (the process failed, or a time or loss is not a finite number)."""
+    if "error" in row:
+        return row["error"]
+    bad = [k for k in ("time_s", "peak_bytes", "loss") if not math.isfinite(float(row.get(k, math.nan)))]
+    return f"{', '.join(bad)} not finite ({', '.join(f'{k}={row.get(k)}' for k in bad)})" if bad else None
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
@@ -161,17 +170,17 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="ov2 bench kernels", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = ArgumentParser(prog="ov2 bench kernels", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--methods", default=None, help="comma list (default: all for the device)")
     p.add_argument("--shapes", default="caption,bridge", help="comma list of: " + ", ".join(SHAPES))
     p.add_argument("--ns", default=None, help="comma list of N (default: per shape, see DEFAULT_NS)")
     p.add_argument("--quick", action="store_true", help="caption shape at N=8192 only")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=900, help="seconds per (method, shape) process")
-    p.add_argument("--max-eager-n", type=int, default=32768, help="skip eager/compile/torch_lce above this N")
+    p.add_argument("--repeats", type=positive(int), default=3)
+    p.add_argument("--timeout", type=positive(float), default=900, help="seconds per (method, shape) process")
+    p.add_argument("--max-eager-n", type=positive(int), default=32768, help="skip eager/compile/torch_lce above this N")
     p.add_argument("--out", default=None, help="results stem (default benchmarks/results/kernels_<device>)")
     p.add_argument("--append", action="store_true", help="merge into existing results (same method+shape: replace)")
     p.add_argument("--force", action="store_true", help="replace existing results")
@@ -182,20 +191,47 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+def _plan(args) -> tuple[list[str], list[str], list[int] | None]:
+    """(methods, shapes, Ns) from the arguments; ValueError naming a bad one."""
+    known = CUDA_METHODS if args.device == "cuda" else CPU_METHODS
+    methods = [m for m in args.methods.split(",") if m] if args.methods else known
+    shapes = ["caption"] if args.quick else [s for s in args.shapes.split(",") if s]
+    bad = [m for m in methods if m not in known]
+    if bad or not methods:
+        raise ValueError(f"--methods: unknown method {bad[0] if bad else '(none given)'!r} on {args.device}; "
+                         f"choose from {', '.join(known)}")
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad or not shapes:
+        raise ValueError(f"--shapes: unknown shape {bad[0] if bad else '(none given)'!r}; choose from "
+                         f"{', '.join(SHAPES)}")
+    ns = None
+    if args.ns:
+        try:
+            ns = [int(x) for x in args.ns.split(",")]
+        except ValueError:
+            raise ValueError(f"--ns: expected a comma list of positive integers, got {args.ns!r}") from None
+        if min(ns) < 1:
+            raise ValueError(f"--ns: every N must be at least 1, got {args.ns!r}")
+    return methods, shapes, ns
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    if args.device is None:
-        import torch
+    prog = "ov2 bench kernels"
+    import torch
 
+    if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return fail(prog, "--device cuda: no CUDA device here (torch.cuda.is_available() is false)")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.one:
         print(json.dumps(run_one(args.one, args.n, args.d, args.v, args.dtype, args.repeats, args.device)))
         return 0
-    methods = args.methods.split(",") if args.methods else (CUDA_METHODS if args.device == "cuda" else CPU_METHODS)
-    shapes = ["caption"] if args.quick else args.shapes.split(",")
-    import torch
-
+    try:
+        methods, shapes, given_ns = _plan(args)
+    except ValueError as err:
+        return fail(prog, err)
     meta = {"device": args.device, "dtype": args.dtype, "repeats": args.repeats, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
             if args.device == "cpu" else torch.cuda.get_device_name()}
@@ -203,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_writable(os.path.dirname(stem), os.path.basename(stem), args.force or args.append, ("json", "md"))
     except OutputExists as err:
-        return fail("ov2 bench kernels", err)
-    rows = []
+        return fail(prog, err)
+    rows, failed = [], []
     if args.append and os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
             rows = json.load(f)["rows"]
     for shape in shapes:
         d, v = SHAPES[shape]
-        ns = [int(x) for x in args.ns.split(",")] if args.ns else ([8192] if args.quick else DEFAULT_NS[shape])
+        ns = given_ns or ([8192] if args.quick else DEFAULT_NS[shape])
         for n in ns:
             for method in methods:
                 if method in ("eager", "compile", "torch_lce") and n > args.max_eager_n:
@@ -218,12 +254,20 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append({"method": method, "n": n, "d": d, "v": v, "skipped": "not run (N > max-eager-n)"})
                     continue
                 row = _child(method, n, d, v, args)
+                why = _failure(row)
+                if why:  # a failure is said, never recorded as a result
+                    failed.append(f"{shape} N={n} {method}: {why}")
+                    print(f"{shape:8s} N={n:6d} {method:11s} FAILED: {why}", file=sys.stderr, flush=True)
+                    continue
                 rows = [r for r in rows if (r["method"], r["n"], r["d"], r["v"]) != (method, n, d, v)] + [row]
-                shown = row.get("skipped") or f"{row['time_s']:.2f} s, {row['peak_bytes'] / 1e9:.2f} GB"
-                print(f"{shape:8s} N={n:6d} {method:11s} {shown}", flush=True)
+                print(f"{shape:8s} N={n:6d} {method:11s} {row['time_s']:.2f} s, {row['peak_bytes'] / 1e9:.2f} GB",
+                      flush=True)
                 _save(stem, rows, meta)  # after every process, so an interrupted run keeps what it measured
-    print(to_markdown(rows, meta))
-    print(f"saved {stem}.md and {stem}.json")
+    if any("time_s" in r for r in rows):
+        print(to_markdown(rows, meta))
+        print(f"saved {stem}.md and {stem}.json")
+    if failed:
+        return fail(prog, f"{len(failed)} measurement(s) failed, not recorded: {'; '.join(failed)}", 1)
     return 0
 
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 from benchmarks.bench.results import RESULTS, ROOT, OutputExists, check_writable, markdown_table, write_results
-from ov2.cli import fail
+from ov2.cli import ArgumentParser, fail, positive
 
 # A CPU size: ViT-Ti/16 with a decoder / text encoder of 2/3 its width and half its depth (the L/14 pairing,
 # scaled down). Its forward FLOPs keep the L/14 proportions: OV1 (two text passes) / OV2 = 1.32 (L/14: 1.37).
@@ -46,6 +46,8 @@ SMALL_NAME = "towers shrunk to ViT-Ti/16 + 128 x 6 decoder / text encoder"
 PAPER = {"time_ov1_ov2": 83 / 57, "memory_ov1_ov2": 24.5 / 13.8}  # ViT-L/14 @224 (OpenVision 2 paper)
 # strategy ablation, ViT-L/14 @224, TPU v4-64 hours: (low-res stage, token dropping) -> hours
 PAPER_ABLATION = {(False, False): 217, (False, True): 190, (True, False): 67, (True, True): 55}
+
+COUNT, COUNT0 = positive(int), positive(int, zero=True)  # argparse types: > 0, >= 0
 
 
 def run_worker(spec: dict, timeout: float | None = None) -> dict:
@@ -175,25 +177,25 @@ def render(rows: dict, ablation: list[dict], args, device: str, note: str) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ov2 bench train", description=__doc__,
+    parser = ArgumentParser(prog="ov2 bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="b16", help="paper size whose recipe and towers are used (default b16)")
     parser.add_argument("--paper-towers", action="store_true",
                         help="the preset's own tower sizes (default: shrunk to ViT-Ti/16 + 128 x 6 towers for a CPU)")
-    parser.add_argument("--image-size", type=int, default=0, help="final resolution (default: the preset's last)")
-    parser.add_argument("--low-size", type=int, default=0, help="low resolution (default: the preset's stage 1)")
-    parser.add_argument("--batch", type=int, default=8, help="batch of the timed steps (default 8)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps; the median is reported (default 3)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--image-size", type=COUNT0, default=0, help="final resolution (default: the preset's last)")
+    parser.add_argument("--low-size", type=COUNT0, default=0, help="low resolution (default: the preset's stage 1)")
+    parser.add_argument("--batch", type=COUNT, default=8, help="batch of the timed steps (default 8)")
+    parser.add_argument("--warmup", type=COUNT0, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--steps", type=COUNT, default=3, help="timed steps; the median is reported (default 3)")
+    parser.add_argument("--rounds", type=COUNT, default=1,
                         help="measure every variant this many times, interleaved (a busy machine); default 1")
-    parser.add_argument("--cap-mib", type=float, default=0,
+    parser.add_argument("--cap-mib", type=positive(float, zero=True), default=0,
                         help="memory cap of the headroom search in MiB (default: 1024 on CPU; the GPU's memory)")
-    parser.add_argument("--headroom-step", type=int, default=4, help="batch granularity of the search (default 4)")
-    parser.add_argument("--max-batch", type=int, default=65_536, help="stop the search here (default 65536)")
+    parser.add_argument("--headroom-step", type=COUNT, default=4, help="batch granularity of the search (default 4)")
+    parser.add_argument("--max-batch", type=COUNT, default=65_536, help="stop the search here (default 65536)")
     parser.add_argument("--no-headroom", action="store_true", help="skip the batch-headroom search")
     parser.add_argument("--cpu", action="store_true", help="measure on the CPU even when a GPU is present")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's)")
+    parser.add_argument("--threads", type=COUNT0, default=0, help="torch threads per process (default: torch's)")
     parser.add_argument("--override", action="append", default=[], metavar="--KEY=VALUE",
                         help="a config override for every variant (repeatable): --override=--model.decoder.depth=4")
     parser.add_argument("--out", default=RESULTS, help="folder for the result files (default benchmarks/results)")

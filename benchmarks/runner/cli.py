@@ -13,6 +13,7 @@ Ctrl-C stops cleanly (exit 130); the same command resumes. The run folder layout
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import platform
@@ -67,11 +68,16 @@ def _check_out(out: Path, force: bool) -> str | None:
         return f"--out {out} is a file"
     if out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file() and not force:
         return f"--out {out} is a non-empty folder that is not an ov2 run: choose another or pass --force"
+    for name in ("encoders", "report", "data"):  # the runner's own folders inside RUN
+        if (out / name).exists() and not (out / name).is_dir():
+            return f"--out {out}: {out / name} is a file where the run keeps its {name}/ folder; move it away"
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ov2 run", description=__doc__.splitlines()[0],
+    from ov2.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="ov2 run", description=__doc__.splitlines()[0],
                                      epilog="\n".join(__doc__.splitlines()[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", help="experiment YAML (see benchmarks/runner/experiments/default.yaml)")
@@ -151,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     except OSError as err:  # a full disk or a run folder we may not write (the stages record their own failures)
+        if err.errno == errno.ENOSPC:  # mid-run: a failure while running; what finished is kept
+            return fail(prog, f"no space left on the device ({err.filename or out}); free some and run the same "
+                              f"command to resume", 1)
         return os_error(prog, err)
     finally:
         lock.__exit__(None, None, None)

@@ -1,18 +1,22 @@
 """Run a plan: each stage in a fresh process, skipped when done, resumed when interrupted, isolated when it fails.
 
 For each stage, in plan order:
-    - done before with the same key (status ok)            -> cached, not run again
+    - done before with the same key (status ok)            -> cached, not run again (also when it sits in
+                                                              .superseded/: a reverted change brings it back)
     - a folder of another key (the config changed)         -> moved to RUN/encoders/<enc>/.superseded/ (nothing lost)
     - unfinished with the same key                         -> training stages resume from their checkpoints; the
                                                               others start again
     - an upstream stage failed or was skipped              -> skipped, with the reason
 The child's stderr (progress bars, errors) goes to the terminal and to the stage's stage.log; its stdout to the log.
 Wall time and peak memory (the child's peak resident set, from wait4) go into the stage's status.json.
+A full disk while the runner itself writes stops the run: the stage's status says so (rewritten in place when no
+new file fits) and the OSError goes up to `ov2 run`, which prints one line; the same command resumes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -49,11 +53,15 @@ def _last_line(text: str) -> str:
     return ""
 
 
-def _stage_meta(stage: Stage) -> dict | None:
+def _stage_meta_of(folder: Path) -> dict | None:
     try:
-        return json.loads((stage.folder / "stage.json").read_text())
+        return json.loads((folder / "stage.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def _stage_meta(stage: Stage) -> dict | None:
+    return _stage_meta_of(stage.folder)
 
 
 def _write_meta(stage: Stage) -> None:
@@ -69,6 +77,19 @@ def _supersede(stage: Stage, old_key: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(stage.folder), dest)
     return dest
+
+
+def _restore(stage: Stage) -> dict | None:
+    """A finished folder of this very key in .superseded/ (a change was reverted): put it back, keeping the current
+    folder in .superseded/ in its turn; -> its status, or None when there is none."""
+    for old in sorted((stage.folder.parent / ".superseded").glob(f"{stage.name}-{stage.key}-*"), reverse=True):
+        status, meta = read_status(old), _stage_meta_of(old)
+        if status and status.get("state") == "ok" and meta and meta.get("key") == stage.key:
+            if stage.folder.exists():
+                _supersede(stage, (_stage_meta(stage) or {}).get("key", "unknown"))
+            shutil.move(str(old), stage.folder)
+            return status
+    return None
 
 
 def _command(stage: Stage) -> list[str]:
@@ -113,6 +134,10 @@ def run_stage(stage: Stage, position: str, started: float) -> dict:
     if meta and meta.get("key") == stage.key and status and status.get("state") == "ok":
         print(f"{head}: done before (key {stage.key}), skipped", file=sys.stderr, flush=True)
         return {**status, "cached": True}
+    restored = _restore(stage)
+    if restored:
+        print(f"{head}: done before (key {stage.key}), restored from .superseded/", file=sys.stderr, flush=True)
+        return {**restored, "cached": True}
     if stage.folder.exists() and (meta is None or meta.get("key") != stage.key):
         moved = _supersede(stage, (meta or {}).get("key", "unknown"))
         print(f"{head}: settings changed; the old folder is kept at {moved}", file=sys.stderr, flush=True)
@@ -166,9 +191,23 @@ def execute(stages: list[Stage]) -> dict[str, dict]:
     for i, stage in enumerate(stages):
         position = f"{i + 1}/{len(stages)}"
         bad = [d for d in stage.deps if results.get(d, {}).get("state") != "ok"]
-        if bad:
-            why = f"{bad[0]} {results[bad[0]].get('state', 'did not run')}"
-            results[stage.id] = mark_skipped(stage, why, position)
-        else:
-            results[stage.id] = run_stage(stage, position, started)
+        try:
+            if bad:
+                why = f"{bad[0]} {results[bad[0]].get('state', 'did not run')}"
+                results[stage.id] = mark_skipped(stage, why, position)
+            else:
+                results[stage.id] = run_stage(stage, position, started)
+        except OSError as err:  # the runner's own writes: a full disk, the run folder gone or read-only
+            _record_failure(stage, err)
+            raise
     return results
+
+
+def _record_failure(stage: Stage, err: OSError) -> None:
+    """Say in the stage's status (when one can still be written) why the runner stopped there."""
+    reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    try:
+        write_status(stage.folder, "failed", key=stage.key, error=f"{reason}: {err.filename or stage.folder}",
+                     finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    except OSError:
+        pass

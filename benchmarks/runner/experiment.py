@@ -34,10 +34,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from benchmarks.evals.suite.tasks import TASKS
-from ov2.config import ConfigError, build
+from ov2.config import ConfigError, build, read_yaml_file
 
 SUITE_TASKS = tuple(TASKS)  # the built-in suite: eval.tasks when the file names none
 CONTROLS = ("blind", "random-init")  # the no-vision floor and the untrained tower (runner/plan.py)
@@ -142,12 +140,15 @@ def from_dict(tree: dict, quick: bool = False) -> Experiment:
             raise ExperimentError(f"encoders.{name}: overrides apply to preset encoders only")
     if not NAME.match(exp.name):
         raise ExperimentError(f"name {exp.name!r} must be letters, digits, '_', '-' or '.'")
-    if not exp.seeds or min(exp.seeds) < 0:
-        raise ExperimentError(f"seeds: expected a non-empty list of non-negative integers, got {exp.seeds!r}")
+    if not exp.seeds or min(exp.seeds) < 0 or len(set(exp.seeds)) != len(exp.seeds):
+        raise ExperimentError(f"seeds: expected a non-empty list of distinct non-negative integers, got {exp.seeds!r}")
     if exp.nproc < 1:
         raise ExperimentError(f"nproc must be at least 1, got {exp.nproc}")
     if not exp.eval.tasks or not all(exp.eval.tasks):
         raise ExperimentError(f"eval.tasks: expected a non-empty list of task names, got {exp.eval.tasks!r}")
+    twice = sorted({t for t in exp.eval.tasks if exp.eval.tasks.count(t) > 1})
+    if twice:
+        raise ExperimentError(f"eval.tasks: {twice[0]!r} is named twice")
     if exp.eval.limit is not None and exp.eval.limit < 1:
         raise ExperimentError(f"eval.limit must be at least 1, got {exp.eval.limit}")
     if exp.encoder_eval.n_train < 10 or exp.encoder_eval.n_test < 10:
@@ -163,17 +164,16 @@ def from_dict(tree: dict, quick: bool = False) -> Experiment:
 
 
 def load(path: str | Path, quick: bool = False) -> Experiment:
+    """An experiment file (UTF-8 YAML; a key given twice in one mapping and alias bombs are refused)."""
     path = Path(path)
+    if not path.exists():
+        raise ExperimentError(f"no experiment file {path}")
+    if path.is_dir():
+        raise ExperimentError(f"{path} is a folder, not an experiment file")
     try:
-        tree = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ExperimentError(f"no experiment file {path}") from None
-    except IsADirectoryError:
-        raise ExperimentError(f"{path} is a folder, not an experiment file") from None
-    except OSError as err:
-        raise ExperimentError(f"cannot read {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ExperimentError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        tree = read_yaml_file(str(path), "experiment file")
+    except ConfigError as err:
+        raise ExperimentError(str(err)) from None
     return from_dict(tree, quick=quick)
 
 

@@ -106,13 +106,89 @@ def bridge_overrides(exp: Experiment, encoder: str, out: Path) -> dict:
     return overrides
 
 
+SOURCE_FILES = {"checkpoint": ("config.yaml", "checkpoints"), "transformers": ("config.json",),
+                "openvision": ("open_clip_config.json",)}  # what a source folder holds (one of them)
+KEY_STATS = 512  # a source key stats at most this many entries (a huge folder is not walked)
+KEY_HASH_BYTES = 1 << 20  # ... and hashes the text of its small top-level files (configs, weight indexes)
+
+
 def _source_key(path: str) -> str:
-    """The key of an encoder read from disk: its absolute path and the newest modification time inside it."""
+    """The key of an input read from disk, covering its content cheaply: its absolute path, the text of its small
+    top-level files (config.json, config.yaml, *.index.json) and the size and modification time of the entries on
+    its first two levels (checkpoints/step_N, weights), at most KEY_STATS of them."""
+    import hashlib
+
     p = Path(path).expanduser().resolve()
-    stamp = 0.0
-    if p.exists():
-        stamp = max([p.stat().st_mtime] + [f.stat().st_mtime for f in p.rglob("*") if f.is_file()][:10_000])
-    return config_key("source", str(p), stamp)
+    parts: list = [str(p)]
+    entries = [p]
+    try:
+        for top in sorted(p.iterdir()) if p.is_dir() else []:
+            entries.append(top)
+            if top.is_dir() and not top.is_symlink() and len(entries) < KEY_STATS:
+                entries += sorted(top.iterdir())[:KEY_STATS - len(entries)]
+            if len(entries) >= KEY_STATS:
+                break
+    except OSError:
+        pass
+    for entry in entries[:KEY_STATS]:
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        parts.append((str(entry.relative_to(p)) if entry != p else ".", st.st_size, st.st_mtime_ns))
+        if entry.parent == p and entry.is_file() and st.st_size <= KEY_HASH_BYTES and entry.suffix in (
+                ".json", ".yaml", ".txt"):
+            try:
+                parts.append(hashlib.sha256(entry.read_bytes()).hexdigest())
+            except OSError:
+                pass
+    return config_key("source", parts)
+
+
+def check_inputs(exp: Experiment) -> None:
+    """Every input the stages will read is there: encoder source folders, the LLM folder, the task names."""
+    for enc in exp.encoders.values():
+        if enc.source == "preset":
+            continue
+        where, path = f"encoders.{enc.name}.{enc.source}", Path(getattr(enc, enc.source)).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{where}: no such folder {path}")
+        if not path.is_dir():
+            raise ConfigError(f"{where}: {path} is a file, not a folder")
+        wanted = SOURCE_FILES[enc.source]
+        if not any((path / name).exists() for name in wanted):
+            raise ConfigError(f"{where}: {path} holds no {' or '.join(wanted)} (not a {enc.source} folder)")
+    from bridge.llm import ALIASES
+
+    llm = exp.bridge.llm
+    if llm.lower() not in ALIASES and not (Path(llm).expanduser() / "config.json").is_file():
+        raise ConfigError(f"bridge.llm: {llm!r} is neither a known name ({', '.join(sorted(ALIASES))}) nor a "
+                          "local transformers folder with config.json")
+    from benchmarks.evals.suite.tasks import TASKS
+
+    unknown = [t for t in exp.eval.tasks if t not in TASKS and t not in lmms_eval_task_names()]
+    if unknown:
+        raise ConfigError(f"eval.tasks: unknown task {unknown[0]!r}: built-in are {', '.join(TASKS)}; others must "
+                          "be lmms-eval task names (python -m lmms_eval tasks list)")
+
+
+def lmms_eval_task_names() -> set[str]:
+    """lmms-eval's task, group and tag names, read from its task YAML files (well under a second; building its
+    TaskManager takes a minute on 2 cores)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or spec.origin is None:
+        return set()
+    pattern = re.compile(r"^(?:task|group|tag):\s*[\"']?([^\s\"'#\[]+)", re.M)
+    names: set[str] = set()
+    for path in (Path(spec.origin).parent / "tasks").rglob("*.yaml"):
+        try:
+            names.update(pattern.findall(path.read_text(errors="replace")))
+        except OSError:
+            continue
+    return names
 
 
 def launch(exp: Experiment, command: str, module: str) -> list[str]:
@@ -208,7 +284,8 @@ def _control_stages(exp: Experiment, control: str, seed: int, run_dir: Path) -> 
 
 def build_plan(exp: Experiment, run_dir: Path) -> list[Stage]:
     """Every stage of the experiment in the order it runs: encoder by encoder, seed by seed; ConfigError for a bad
-    override (nothing is created)."""
+    override or a missing input (nothing is created)."""
+    check_inputs(exp)
     stages = []
     for seed in exp.seeds:
         for enc in exp.encoders.values():

@@ -206,8 +206,12 @@ class FolderSource:
             name = str(row.get("image") or row.get("file") or "")
             if not name:
                 continue
-            target = os.path.realpath(os.path.join(self.root, name))
+            path = os.path.join(self.root, name)
+            target = os.path.realpath(path)
             if os.path.isabs(name) or os.path.commonpath([root, target]) != root:
+                if os.path.islink(path) and not os.path.exists(path):  # not "leaving": pointing nowhere
+                    raise SourceError(f"{self.captions}: row {number}: image {name!r} is a broken symbolic link "
+                                      f"(to {os.readlink(path)!r}, which does not exist)")
                 raise SourceError(f"{self.captions}: row {number}: image path {name!r} leaves the image folder "
                                   f"{self.root}; pass --data.captions_outside=true to allow it")
 

@@ -25,8 +25,27 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image, converted by the image's real range: PIL's own convert("RGB") clips a 16-bit PNG (mode
+    I;16 / I) at 255 (almost white) and a float TIFF (mode F) in [0, 1] to 0-1 of 255 (black). Integers are read
+    as 0-65535 (outside it: from their own minimum to maximum); floats as [0, 1] when they lie there, else as
+    0-255 when they lie there, else from their own minimum to maximum."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image.convert("RGB")
+    array = np.asarray(image, dtype=np.float64)
+    finite = array[np.isfinite(array)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if image.mode == "F":
+        top, low = (1.0, 0.0) if low >= 0 and high <= 1 else (255.0, 0.0) if low >= 0 and high <= 255 else \
+            (high, low)
+    else:
+        top, low = (65535.0, 0.0) if low >= 0 and high <= 65535 else (high, low)
+    scaled = np.nan_to_num((array - low) / max(top - low, 1e-12), nan=0.0, posinf=1.0, neginf=0.0)
+    return Image.fromarray((np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "L").convert("RGB")
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
     array = (array - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
@@ -78,7 +97,7 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 def train_transform(image: Image.Image, size: int, rng: np.random.Generator, scale=(0.4, 1.0), jitter: float = 0.4,
                     grayscale_p: float = 0.2, hue: float = 0.0, jitter_p: float = 1.0,
                     resize: str = "bicubic") -> torch.Tensor:
-    image = random_resized_crop(image.convert("RGB"), size, rng, scale, resize=resize)
+    image = random_resized_crop(to_rgb(image), size, rng, scale, resize=resize)
     if jitter_p >= 1.0 or rng.random() < jitter_p:  # p 1 draws nothing: the tiny presets' stream stays as it was
         image = color_jitter(image, rng, jitter, hue)
     if rng.random() < grayscale_p:
@@ -90,6 +109,6 @@ def eval_transform(size: int):
     """A callable PIL.Image -> [3, size, size] tensor (resize + centre crop + normalise)."""
 
     def transform(image: Image.Image) -> torch.Tensor:
-        return to_tensor(center_crop(image.convert("RGB"), size))
+        return to_tensor(center_crop(to_rgb(image), size))
 
     return transform

@@ -69,7 +69,7 @@ def train_main(argv: list[str]) -> int:
 
         if isinstance(err, (DataError, TrainingStopped, CheckpointError)):
             return fail(prog, err, 1)
-        if isinstance(err, RuntimeError) and _disk_full(args.out):  # torch.save's zip writer loses the errno
+        if "No space left on device" in str(err) or _disk_full(args.out):  # torch.save / safetensors lose errno
             return fail(prog, f"no space left on the device ({args.out}): {str(err).splitlines()[0][:200]}", 1)
         if isinstance(err, ValueError):
             return fail(prog, err)

@@ -574,12 +574,12 @@ if __name__ == "__main__":  # python -m tests.test_hostile_surfaces [SURFACES]: 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 160 MB tmpfs (root only; skipped where mounting is not allowed), unmounted afterwards."""
+    """A 1 GB tmpfs (root only; skipped where mounting is not allowed), unmounted afterwards."""
     import subprocess
 
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
@@ -632,6 +632,10 @@ def test_disk_full_mid_run_fails_cleanly_and_resumes(small_disk, tmp_path):
     assert states and all(s["state"] in ("failed", "skipped") for s in states.values()), states
     assert any("space" in (s.get("error") or "") for s in states.values()), states
     ballast.unlink()
+    import shutil
+
+    free = shutil.disk_usage(small_disk).free
+    assert free > 500 * 2**20, (free, sorted(str(p) for p in small_disk.rglob("*") if p.is_file())[-20:])
     res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "a · pretrain: resuming" in res.stderr

@@ -14,7 +14,9 @@ Building the plan checks every override against the real config it is meant for:
 `overrides:` on its preset's TrainConfig (encoder.config), `bridge.overrides:` on the BridgeConfig (bridge.config),
 each followed by that config's `validate`. An unknown key, a bad type or value, an unknown preset or a key the runner
 sets itself is a ConfigError naming its place (`bridge.overrides: unknown config key 'stage2.lrr'`), before anything
-runs. The checked values go to each stage's command as `--key=value`, the way the stage reads them.
+runs. The checked values go to each stage's command as `--key=value`, the way the stage reads them. The inputs are
+checked too (check_inputs): source folders hold what their kind needs, the LLM is a known name or a folder with
+config.json, every task is the suite's or lmms-eval's. A local input's key covers its content cheaply (_source_key).
 """
 
 from __future__ import annotations

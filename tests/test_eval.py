@@ -1,5 +1,6 @@
 """`ov2 eval` through lmms-eval's own llava_hf (real lmms-eval, a tiny exported LLaVA): files written, lmms-eval's
-logged answers equal our direct generation path, a task without data fails alone, bad input exits 2."""
+logged answers equal our direct generation path (open answers) and the option a direct forward pass finds likeliest
+(fixed options, scored by likelihood), a task without data fails alone, bad input exits 2."""
 
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ def test_lmms_eval_installed_and_importable():
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """One `ov2 eval` call: two built-in tasks and one whose data is missing (built-in data folder left empty)."""
+    """One `ov2 eval` call: a generated-answer task (gqa), two likelihood-scored ones (pope: Yes/No, seed: letters)
+    and one whose data is missing (built-in data folder left empty)."""
     from benchmarks.evals.evaluate import main
 
     root = tmp_path_factory.mktemp("eval")
     model, processor = write_tiny_llava(root / "model")
     (root / "data" / "ov2_sqa" / "test").mkdir(parents=True)  # looks like a data folder, holds nothing
     (root / "data" / "ov2_sqa" / "dataset_dict.json").write_text('{"splits": ["test"]}')
-    code = main([str(root / "model"), "--tasks", "ov2_gqa,ov2_sqa,ov2_pope", "--limit", str(LIMIT),
+    code = main([str(root / "model"), "--tasks", "ov2_gqa,ov2_sqa,ov2_pope,ov2_seed", "--limit", str(LIMIT),
                  "--out", str(root / "out"), "--data", str(root / "data")])
     return root, code
 
@@ -47,17 +49,25 @@ def test_eval_writes_scores_samples_and_lmms_eval_files(evaluated, capsys):
     out = root / "out"
     assert code == 1  # one task failed
     scores = json.loads((out / "scores.json").read_text())
-    assert list(scores["tasks"]) == ["ov2_gqa", "ov2_sqa", "ov2_pope"]
-    for name, primary, chance in (("ov2_gqa", "exact_match", 0.1454), ("ov2_pope", "f1", 0.5)):
+    assert list(scores["tasks"]) == ["ov2_gqa", "ov2_sqa", "ov2_pope", "ov2_seed"]
+    for name, primary, chance in (("ov2_gqa", "exact_match", 0.1454), ("ov2_pope", "f1", 0.5),
+                                  ("ov2_seed", "accuracy", 0.25)):
         entry = scores["tasks"][name]
-        assert entry["status"] == "ok" and entry["error"] is None and entry["n"] == LIMIT
+        assert entry["status"] == "ok" and entry["error"] is None and entry["n"] == LIMIT and entry["empty"] == 0
         assert entry["primary"] == primary and entry["chance"] == pytest.approx(chance, abs=1e-3)
-        assert 0.0 <= entry["metrics"][primary]["value"] <= 1.0 and entry["wall_s"] > 0
+        assert entry["wall_s"] > 0
+        assert all(0.0 <= m["value"] <= 1.0 for m in entry["metrics"].values()), entry["metrics"]
         lines = [json.loads(x) for x in (out / "samples" / f"{name}.jsonl").read_text().splitlines()]
         assert [x["doc_id"] for x in lines] == list(range(LIMIT))
         assert all(set(x) == {"doc_id", "question", "target", "prediction", "score", "type"} for x in lines)
         assert all(x["score"] in (0.0, 1.0) and x["prediction"] for x in lines)
-        assert all(x["question"].endswith("?\nAnswer the question using a single word or phrase.") for x in lines)
+        suffix = "Answer with the option's letter from the given choices directly." if name == "ov2_seed" else \
+            "?\nAnswer the question using a single word or phrase."
+        assert all(x["question"].endswith(suffix) for x in lines)
+        if name != "ov2_gqa":  # scored by likelihood: the answer is one of the question's options
+            options = (lambda q: ["Yes", "No"]) if name == "ov2_pope" else choice_letters
+            assert all(x["prediction"] in options(x["question"]) for x in lines), lines
+            assert all(x["score"] == float(x["prediction"] == x["target"]) for x in lines)
         assert (out / "lmms_eval" / f"{name}_results.json").is_file()
         assert (out / "lmms_eval" / f"{name}_samples_{name}.jsonl").is_file()
     assert "acc_colour" in scores["tasks"]["ov2_gqa"]["metrics"]
@@ -70,6 +80,10 @@ def test_eval_writes_scores_samples_and_lmms_eval_files(evaluated, capsys):
     assert len(list((root / "data" / "ov2_gqa").rglob("*.arrow"))) == 1  # built on demand
 
 
+def choice_letters(question: str) -> list[str]:
+    return [line[0] for line in question.splitlines() if len(line) > 2 and line[0] in "ABCDE" and line[1:3] == ". "]
+
+
 def test_lmms_eval_answers_equal_bridge_answer(evaluated):
     import datasets
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -80,20 +94,56 @@ def test_lmms_eval_answers_equal_bridge_answer(evaluated):
     root, _ = evaluated
     model = LlavaForConditionalGeneration.from_pretrained(root / "model").eval()
     processor = AutoProcessor.from_pretrained(root / "model")
-    compared = 0
-    for name in ("ov2_gqa", "ov2_pope"):
-        logged = [json.loads(x) for x in
-                  (root / "out" / "lmms_eval" / f"{name}_samples_{name}.jsonl").read_text().splitlines()]
-        data = datasets.load_from_disk(str(root / "data" / name))["test"]
-        for sample in logged:
-            doc = data[sample["doc_id"]]
-            prompt = doc["question"] + TASKS[name].suffix
-            assert sample["input"] == prompt
-            image = doc["image"].convert("RGB")
-            ours = answer(model, processor, [image], [prompt], max_new_tokens=8)[0]  # the YAMLs' max_new_tokens
-            assert sample["filtered_resps"].strip() == ours
-            compared += 1
-    assert compared == 2 * LIMIT
+    logged = [json.loads(x) for x in
+              (root / "out" / "lmms_eval" / "ov2_gqa_samples_ov2_gqa.jsonl").read_text().splitlines()]
+    data = datasets.load_from_disk(str(root / "data" / "ov2_gqa"))["test"]
+    for sample in logged:
+        doc = data[sample["doc_id"]]
+        prompt = doc["question"] + TASKS["ov2_gqa"].suffix
+        assert sample["input"] == prompt
+        image = doc["image"].convert("RGB")
+        ours = answer(model, processor, [image], [prompt], max_new_tokens=8)[0]  # the YAMLs' max_new_tokens
+        assert sample["filtered_resps"].strip() == ours
+    assert len(logged) == LIMIT
+
+
+@pytest.mark.parametrize("name", ["ov2_pope", "ov2_seed"])
+def test_likelihood_scoring_picks_the_likeliest_option(evaluated, name):
+    """The chosen option is the one with the highest model likelihood: lmms-eval's logged (nll, is_greedy) per option
+    equal -log P(option | prompt, image) from one direct forward pass on the generation prompt (bridge.evaluate's,
+    the prompt `ov2 eval` generates after), and the sample's prediction is its argmax."""
+    import ast
+
+    import datasets
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from benchmarks.evals.suite.tasks import TASKS
+
+    root, _ = evaluated
+    model = LlavaForConditionalGeneration.from_pretrained(root / "model").eval()
+    processor = AutoProcessor.from_pretrained(root / "model")
+    data = datasets.load_from_disk(str(root / "data" / name))["test"]
+    logged = [json.loads(x) for x in (root / "out" / "lmms_eval" / f"{name}_samples_{name}.jsonl").read_text()
+              .splitlines()]
+    ours = {json.loads(x)["doc_id"]: json.loads(x) for x in (root / "out" / "samples" / f"{name}.jsonl").read_text()
+            .splitlines()}
+    assert len(logged) == LIMIT
+    for sample in logged:
+        doc = data[sample["doc_id"]]
+        text = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": doc["question"] + TASKS[name].suffix}]}],
+            add_generation_prompt=True)
+        options = ["Yes", "No"] if name == "ov2_pope" else choice_letters(doc["question"])
+        ids = [processor.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+        assert all(len(i) == 1 for i in ids)  # one token each: the next-token distribution scores them all
+        with torch.no_grad():
+            inputs = processor(images=[doc["image"].convert("RGB")], text=text, return_tensors="pt")
+            logp = model(**inputs).logits[0, -1].float().log_softmax(-1)
+        direct = [float(logp[i[0]]) for i in ids]
+        nll = [ast.literal_eval(r)[0] for r in sample["filtered_resps"]]
+        assert nll == pytest.approx([-x for x in direct], rel=1e-4, abs=1e-4 * max(map(abs, direct)))
+        assert ours[sample["doc_id"]]["prediction"] == options[direct.index(max(direct))]
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):

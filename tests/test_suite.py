@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.evals.suite import metrics as M
 from benchmarks.evals.suite.build import build_task, generate
-from benchmarks.evals.suite.tasks import TASKS
+from benchmarks.evals.suite.tasks import MC, MIN_N, TASKS
 
 # --- metrics ------------------------------------------------------------------------------------------------------
 
@@ -99,17 +99,22 @@ def test_task_yamls_agree_with_the_table():
     from lmms_eval.utils import load_yaml_config
 
     from benchmarks.evals.evaluate import TASKS_DIR
-    from benchmarks.evals.tasks.utils import aggregation_name, process_results_name
+    from benchmarks.evals.tasks.utils import aggregation_name, doc_to_choice_name, process_results_name
 
     assert sorted(p.stem for p in TASKS_DIR.glob("ov2_*.yaml")) == sorted(TASKS)
-    template = _raw_yaml(TASKS_DIR / "_default_template_ov2_yaml")
-    assert template["doc_to_visual"] == "utils.ov2_doc_to_visual" and template["doc_to_text"] == "utils.ov2_doc_to_text"
-    assert template["output_type"] == "generate_until" and template["doc_to_target"] == "answer"
+    templates = {"generate_until": "_default_template_ov2_yaml", MC: "_default_template_ov2_mc_yaml"}
+    for output_type, template in templates.items():
+        raw = _raw_yaml(TASKS_DIR / template)
+        assert raw["doc_to_visual"] == "utils.ov2_doc_to_visual" and raw["doc_to_text"] == "utils.ov2_doc_to_text"
+        assert raw["output_type"] == output_type and raw["doc_to_target"] == "answer"
+        assert ("generation_kwargs" in raw) is (output_type == "generate_until")  # options are scored, not generated
+        assert raw.get("target_delimiter", " ") == ("" if output_type == MC else " ")  # "A" right after the turn opens
     for name, spec in TASKS.items():
         raw = _raw_yaml(TASKS_DIR / f"{name}.yaml")
-        assert raw["include"] == "_default_template_ov2_yaml" and "output_type" not in raw, name
+        assert raw["include"] == templates[spec.output_type] and "output_type" not in raw, name
         assert raw["task"] == name and raw["dataset_path"] == f"ov2_data/{name}"
         assert raw["process_results"] == f"utils.{process_results_name(name)}"
+        assert raw.get("doc_to_choice") == (f"utils.{doc_to_choice_name(name)}" if spec.output_type == MC else None)
         assert raw["lmms_eval_specific_kwargs"] == {"default": {"pre_prompt": "", "post_prompt": spec.suffix}}
         assert tuple(m["metric"] for m in raw["metric_list"]) == spec.metrics, name
         for m in raw["metric_list"]:
@@ -117,6 +122,55 @@ def test_task_yamls_agree_with_the_table():
             assert m["higher_is_better"] is (m["metric"] != "yes_ratio"), (name, m)
         config = load_yaml_config(str(TASKS_DIR / f"{name}.yaml"), mode="full")  # every hook it names exists
         assert config["process_results"].__name__ == process_results_name(name)
+        assert config["output_type"] == spec.output_type
+        if spec.output_type == MC:
+            assert config["doc_to_choice"].__name__ == doc_to_choice_name(name)
+
+
+def test_fixed_option_answers_are_scored_by_likelihood_open_ones_generated():
+    """Every task whose every answer is one of the question's options is multiple_choice, with doc_to_choice giving
+    those options (the letters, or Yes/No) and the answer among them; open answers (words, numbers) are generated."""
+    from benchmarks.evals.tasks import utils as hooks
+
+    assert {n for n, s in TASKS.items() if s.output_type == MC} == {"ov2_mme", "ov2_seed", "ov2_sqa", "ov2_pope",
+                                                                   "ov2_fashion"}
+    for name, spec in TASKS.items():
+        rows = generate(name, n=12)
+        if spec.output_type != MC:
+            assert spec.match in ("vqa", "relaxed", "ocr") and M.choices(spec.match, rows[0]["question"]) is None
+            continue
+        for r in rows:
+            options = getattr(hooks, f"{name}_doc_to_choice")(r)
+            assert r["answer"] in options and len(set(options)) == len(options) >= 2, (name, r["question"], options)
+            if spec.match == "letter":
+                assert options == list("ABCDE"[:len(options)]) and r["question"].count("\n") >= len(options)
+            else:
+                assert options == ["Yes", "No"]
+    assert M.choices("letter", "Context: a chart.\nWhich, A or B?\nA. B\nB. A") == ["A", "B"]  # option lines only
+
+
+def test_likelihood_results_pick_the_least_loss_option():
+    """The model answers (nll, is_greedy) per option, which lmms-eval 0.7.3 hands on as strings: the prediction is
+    the option with the least negative log-likelihood, and it is scored like a generated answer would be."""
+    from benchmarks.evals.tasks import utils as hooks
+
+    assert hooks.chosen(["A", "B", "C"], [(3.0, False), (0.5, True), (2.0, False)]) == "B"
+    assert hooks.chosen(["Yes", "No"], ["(1.25, False)", "(0.75, False)"]) == "No"
+    assert hooks.likelihoods(["red"]) is None and hooks.likelihoods([]) is None
+    with pytest.raises(ValueError, match="one \\(nll, is_greedy\\) per option"):
+        hooks.chosen(["A", "B"], [(1.0, False)])
+    doc = {"question": "Is there a red star in the image?", "answer": "No", "type": "random", "image_id": 3}
+    out = hooks.ov2_pope_process_results(doc, ["(2.0, False)", "(1.0, True)"])
+    assert out["f1"]["said"] == "no" and out["accuracy"]["score"] == 1.0 and out["f1"]["prediction"] == "No"
+    doc = {"question": "What colour?\nA. red\nB. blue\nC. green", "answer": "C", "type": "colour", "image_id": 0}
+    out = hooks.ov2_seed_process_results(doc, [(1.0, False), (2.0, False), (0.1, True)])
+    assert out["accuracy"]["score"] == 1.0 and out["accuracy"]["prediction"] == "C" and "acc_colour" in out
+
+
+def test_default_sizes_give_stderr_at_most_005():
+    for name, spec in TASKS.items():
+        assert spec.n >= MIN_N, name
+        assert (0.25 / spec.n) ** 0.5 <= 0.05 + 1e-12  # an accuracy's standard error at its largest (p = 0.5)
 
 
 def test_task_readme_agrees_with_the_table():
@@ -125,9 +179,10 @@ def test_task_readme_agrees_with_the_table():
     rows = [line.strip("|").split(" | ") for line in (TASKS_DIR / "README.md").read_text().splitlines()
             if line.startswith("| ov2_")]
     assert [r[0].strip() for r in rows] == list(TASKS)
-    for name, column, primary, chance, n, kind in rows:
+    for name, column, primary, chance, n, scored, kind in rows:
         spec = TASKS[name.strip()]
         assert (column, primary, chance, int(n)) == (spec.column or "-", spec.primary, f"{spec.chance:.3g}", spec.n)
+        assert scored == ("likelihood" if spec.output_type == MC else "generation"), name
         assert kind.strip() == spec.kind
 
 

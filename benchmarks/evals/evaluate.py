@@ -14,9 +14,14 @@ Hugging Face cache (nothing is downloaded). Each task runs in its own `simple_ev
 does not exit 0), so one failing task (missing data, an lmms-eval ERROR) leaves the others. An empty answer
 is a wrong answer: scored 0 and counted (`empty` in scores.json), never a failed task.
 
+Built-in tasks whose answer is one of a few options (letters, Yes/No: TaskSpec.output_type "multiple_choice") are
+scored by likelihood: one forward pass per option (`option_nll`, in `llava_hf_class`'s `loglikelihood`), the
+likeliest option is the answer (the sample's `prediction`). Open answers are generated (greedy, 8 new tokens).
+
 OUT/scores.json         {"model", "data_dir", "tasks": {task: {"status", "error", "primary", "metrics": {m: {"value",
                         "stderr"}}, "n", "chance", "wall_s"}}}
-OUT/samples/<task>.jsonl  {"doc_id", "question", "target", "prediction", "score", "type"} per question
+OUT/samples/<task>.jsonl  {"doc_id", "question", "target", "prediction", "score", "type"} per question (prediction:
+                        the generated text, or the chosen option of a likelihood-scored task)
 OUT/lmms_eval/          lmms-eval's own files: <task>_results.json and <task>_samples_<task>.jsonl
 OUT/status.json         the stage's status (run-folder contract)
 Exit codes: 0 every task ok; 1 a task failed (one line each on stderr); 2 bad input.
@@ -71,24 +76,81 @@ def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int,
 
 
 def load_model(model_dir: str | Path, batch_size: int = 1):
-    """lmms-eval's `llava_hf` (the class its registry resolves the name to) on the folder, on CUDA if present
-    (under torchrun: this process's GPU)."""
+    """lmms-eval's `llava_hf` (the class its registry resolves the name to, with `loglikelihood` replaced: see
+    llava_hf_class) on the folder, on CUDA if present (under torchrun: this process's GPU)."""
     import torch
-    from lmms_eval.models import get_model
 
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     args = f"pretrained={Path(model_dir).resolve()},device={device},device_map={device}"
-    return get_model("llava_hf").create_from_arg_string(args, {"batch_size": batch_size})
+    return llava_hf_class().create_from_arg_string(args, {"batch_size": batch_size})
+
+
+def llava_hf_class():
+    """The class lmms-eval 0.7.3 resolves `llava_hf` to (its chat variant: prompts through the processor's chat
+    template) with `loglikelihood`, what `multiple_choice` tasks call once per option, replaced: the inherited one
+    tokenises the context without the image, which transformers 5 refuses ("Found 1 <image> tokens in the text but
+    no images were passed"), and would count the prompt's tail into the loss. Here each option is scored by
+    `option_nll` after `chat_prompt`, the prompt `generate_until` gives the same question. Generation is untouched."""
+    from lmms_eval.models import get_model
+
+    base = get_model("llava_hf")
+
+    class LlavaHF(base):
+        def loglikelihood(self, requests):
+            out = []
+            for context, continuation, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+                doc = self.task_dict[task][split][doc_id]
+                if not isinstance(continuation, str):  # output_type loglikelihood: the task's doc_to_target
+                    continuation = continuation(doc)
+                images = self.flatten([doc_to_visual(doc)])
+                prompt = chat_prompt(self._image_processor, context, len(images))
+                out.append(option_nll(self.model, self._image_processor, prompt, continuation, images))
+            return out
+
+    LlavaHF.__name__ = LlavaHF.__qualname__ = base.__name__
+    return LlavaHF
+
+
+def chat_prompt(processor, text: str, n_images: int) -> str:
+    """The prompt lmms-eval's chat `llava_hf` generates after (a ConfigurableMessagesTask's user turn: the images,
+    then the text, through the processor's chat template, the assistant's turn opened)."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def option_nll(model, processor, prompt: str, option: str, images: list) -> tuple[float, bool]:
+    """(-log P(option's tokens | prompt, images), whether greedy decoding would produce exactly them): one forward
+    pass over prompt + option with the images. A loss, lower is likelier: lmms-eval 0.7.3's multiple_choice
+    convention (its scoring, and ours in tasks/utils.chosen, take the argmin). The option's tokens are those the
+    prompt + option text has beyond the prompt's own; a tokenisation that merges across the boundary raises."""
+    import torch
+
+    kwargs = {"images": images} if images else {}
+    context = processor(text=prompt, return_tensors="pt", **kwargs)["input_ids"][0]
+    inputs = processor(text=prompt + option, return_tensors="pt", **kwargs).to(model.device, model.dtype)
+    ids = inputs["input_ids"][0].cpu()
+    n = len(context)
+    if len(ids) <= n or not torch.equal(ids[:n], context):
+        raise ValueError(f"option {option!r} does not tokenise as a continuation of the prompt")
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0, n - 1:-1].float().cpu()
+    target = ids[n:]
+    nll = -logits.log_softmax(-1).gather(1, target[:, None]).sum()
+    return float(nll), bool((logits.argmax(-1) == target).all())
 
 
 def quiet_lmms_eval() -> None:
     """lmms-eval logs through loguru (DEBUG by default, to stdout once its models module is imported): keep
-    warnings and errors, on stderr."""
+    warnings and errors, on stderr, less the one our likelihood-scored tasks set off by design (an empty
+    target_delimiter before options without whitespace: "A", "Yes")."""
+    import lmms_eval.llm_judge.launcher  # noqa: F401  (its import resets loguru's handlers too)
     import lmms_eval.models  # noqa: F401  (its import resets loguru's handlers)
     from loguru import logger
 
     logger.remove()
-    logger.add(sys.stderr, level="WARNING", format="lmms-eval {level}: {message}")
+    logger.add(sys.stderr, level="WARNING", format="lmms-eval {level}: {message}",
+               filter=lambda record: "target_delimiter" not in record["message"])
 
 
 def _dataset_of(task_manager, name: str) -> str:
@@ -112,7 +174,9 @@ def _task_input(name: str, data_dir: Path, lm):
 
     config = load_yaml_config(str(TASKS_DIR / f"{name}.yaml"), mode="full")
     config["dataset_path"] = str((data_dir / name).resolve())
-    cls = ConfigurableTask if lm.is_simple else ConfigurableMessagesTask
+    # lmms-eval's messages tasks only generate: a likelihood-scored task stays a plain ConfigurableTask
+    simple = lm.is_simple or config.get("output_type") == "multiple_choice"
+    cls = ConfigurableTask if simple else ConfigurableMessagesTask
     return cls(config=config, model_name="llava_hf")
 
 
@@ -122,7 +186,14 @@ def _number(value) -> float | None:
 
 
 def _prediction(sample: dict) -> str:
+    """An lmms-eval task's answer as logged: the generated text, or for a multiple-choice task (one (nll, is_greedy)
+    per option) the index of the likeliest option. Built-in tasks keep theirs in the per-sample record."""
+    from benchmarks.evals.tasks.utils import likelihoods
+
     resp = sample.get("filtered_resps", [""])
+    nll = likelihoods(resp) if isinstance(resp, list) and len(resp) > 1 else None
+    if nll is not None:
+        return str(nll.index(min(nll)))
     resp = resp[0] if isinstance(resp, list) and resp else resp
     resp = resp[0] if isinstance(resp, list) and resp else resp
     return resp if isinstance(resp, str) else str(getattr(resp, "text", resp or ""))
@@ -154,8 +225,9 @@ def _scores_entry(name: str, result: dict, samples: list[dict]) -> tuple[dict, l
     lines = []
     for s in samples:
         doc = s.get("doc") or {}
-        score = s.get(primary)
-        score = score.get("score") if isinstance(score, dict) else _number(score)
+        record = s.get(primary)
+        score = record.get("score") if isinstance(record, dict) else _number(record)
+        prediction = record["prediction"] if isinstance(record, dict) and "prediction" in record else _prediction(s)
         question = doc.get("question")
         if spec is not None and question is not None:
             question += spec.suffix  # the prompt as asked (lmms-eval's post_prompt)
@@ -163,7 +235,7 @@ def _scores_entry(name: str, result: dict, samples: list[dict]) -> tuple[dict, l
             args = s.get("arguments")
             question = args[0] if isinstance(args, (list, tuple)) and args and isinstance(args[0], str) else None
         lines.append({"doc_id": s.get("doc_id"), "question": question, "target": str(s.get("target")),
-                      "prediction": _prediction(s), "score": score, "type": doc.get("type")})
+                      "prediction": prediction, "score": score, "type": doc.get("type")})
     return {"primary": primary, "metrics": out, "chance": chance}, lines
 
 

@@ -7,6 +7,8 @@ Per sample (-> 0.0 / 1.0):
     ocr_match(pred, target)        OCRBench: the target (lower case) is contained in the prediction
     letter_match(pred, target)     multiple choice: the option letter the prediction starts with
     yesno(pred)                    "yes" / "no" / None, as POPE and MME read an answer
+    choices(match, question)       the options a likelihood-scored question is answered with: its letters, or
+                                   ["Yes", "No"]; None for open answers
 Aggregates over records (dicts with "score" and task fields):
     mme_scores(records)            acc, acc_plus (both questions of an image right), mme_score = 100 * (acc + acc+)
     pope_scores(records)           accuracy, precision, recall, f1, yes_ratio (positive class: "yes")
@@ -76,6 +78,18 @@ def yesno(prediction: str) -> str | None:
 
 def yesno_match(prediction: str, target: str) -> float:
     return float(yesno(prediction) == str(target).lower())
+
+
+_OPTION = re.compile(r"^([A-E])\. ", re.MULTILINE)
+YES_NO = ("Yes", "No")
+
+
+def choices(match: str, question: str) -> list[str] | None:
+    """The options as the model would answer them: the letters of a lettered question ("...\nA. red\nB. blue" ->
+    ["A", "B"]), "Yes"/"No" for yes/no questions; None where the answer is open."""
+    if match == "letter":
+        return _OPTION.findall(question)
+    return list(YES_NO) if match == "yesno" else None
 
 
 MEAN_METRICS = ("exact_match", "relaxed_accuracy", "accuracy", "acc")  # and every acc_<type>: means of "score"

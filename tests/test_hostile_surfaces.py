@@ -284,7 +284,7 @@ def test_superseded_result_with_the_same_key_is_restored(tmp_path):
     assert len(moved) == 1 and read_status(moved[0])["key"] == "k2"
 
 
-# --- ov2 eval (benchmarks/evals: not fixed here; a failing case is an xfail naming why) -----------------------
+# --- ov2 eval -------------------------------------------------------------------------------------------
 
 EVAL_CASES = {
     "model missing": (["eval", "{T}/nope", "--tasks", "ov2_gqa", "--out", "{T}/ev"], "nope"),
@@ -297,13 +297,7 @@ EVAL_CASES = {
     "out a user's folder": (["eval", "{T}/llava", "--tasks", "ov2_gqa", "--out", "{T}/mine"], "mine"),
     "no tasks": (["eval", "{T}/llava", "--tasks", ",", "--out", "{T}/ev"], "tasks"),
 }
-EVAL_XFAIL = {  # what still breaks in `ov2 eval` (benchmarks/evals is another session's): name -> why
-    "unknown task": "builds lmms-eval's TaskManager (~50 s on 2 cores) before refusing an unknown name; an index of "
-                    "its task YAMLs (benchmarks.runner.plan.lmms_eval_task_names) answers in under a second",
-    "out is a file": "exit 1 'failed: [Errno 17] File exists' rather than exit 2 naming --out as a file",
-    "out a user's folder": "writes data/ into a non-empty folder that holds no evaluation of its own, then fails "
-                           "with exit 1 (the model's weights are missing) rather than refusing the folder first",
-}
+EVAL_XFAIL: dict[str, str] = {}  # what still breaks in `ov2 eval`: name -> why (nothing now)
 
 
 def _eval_param(name: str):

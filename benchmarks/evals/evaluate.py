@@ -46,6 +46,27 @@ PROG = "ov2 eval"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
 OUTPUTS = ("scores.json", "samples", "lmms_eval")
+# what an evaluation folder may hold besides OUTPUTS (its own data, run-folder files, the runner's stage files)
+OURS = (*OUTPUTS, "data", "status.json", ".lock", "stage.json", "stage.log")
+
+
+def lmms_eval_task_names() -> set[str]:
+    """lmms-eval's task, group and tag names, read from its task YAML files (well under a second; building its
+    TaskManager takes a minute on 2 cores)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or spec.origin is None:
+        return set()
+    pattern = re.compile(r"^(?:task|group|tag):\s*[\"']?([^\s\"'#\[]+)", re.M)
+    names: set[str] = set()
+    for path in (Path(spec.origin).parent / "tasks").rglob("*.yaml"):
+        try:
+            names.update(pattern.findall(path.read_text(errors="replace")))
+        except OSError:
+            continue
+    return names
 
 
 class BadInput(ValueError):
@@ -71,8 +92,18 @@ def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int,
         raise BadInput(f"--limit must be at least 1, got {limit}")
     if batch_size != 1:
         raise BadInput("lmms-eval 0.7.3's llava_hf generates one question at a time: --batch-size must be 1")
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a folder")
     if not force and any((out / name).exists() for name in OUTPUTS):
         raise BadInput(f"{out} already holds evaluation results: choose another --out or pass --force")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OURS) if out.is_dir() else []
+    if foreign and not force:
+        raise BadInput(f"--out {out} holds files that are not an evaluation's ({foreign[0]}, ...): choose an empty "
+                       f"or new folder, or pass --force")
+    unknown = [t for t in tasks if t not in TASKS and t not in lmms_eval_task_names()]
+    if unknown:
+        raise BadInput(f"unknown task(s) {', '.join(unknown)}: built-in are {', '.join(TASKS)}; others must be "
+                       "lmms-eval task names (python -m lmms_eval tasks list)")
 
 
 def load_model(model_dir: str | Path, batch_size: int = 1):

@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.evals.evaluate import lmms_eval_task_names
 from benchmarks.runner.experiment import EncoderSpec, Experiment
 from ov2.config import ConfigError, flatten, resolve_key, set_value
 from ov2.runfolder import config_key
@@ -172,25 +173,6 @@ def check_inputs(exp: Experiment) -> None:
     if unknown:
         raise ConfigError(f"eval.tasks: unknown task {unknown[0]!r}: built-in are {', '.join(TASKS)}; others must "
                           "be lmms-eval task names (python -m lmms_eval tasks list)")
-
-
-def lmms_eval_task_names() -> set[str]:
-    """lmms-eval's task, group and tag names, read from its task YAML files (well under a second; building its
-    TaskManager takes a minute on 2 cores)."""
-    import importlib.util
-    import re
-
-    spec = importlib.util.find_spec("lmms_eval")
-    if spec is None or spec.origin is None:
-        return set()
-    pattern = re.compile(r"^(?:task|group|tag):\s*[\"']?([^\s\"'#\[]+)", re.M)
-    names: set[str] = set()
-    for path in (Path(spec.origin).parent / "tasks").rglob("*.yaml"):
-        try:
-            names.update(pattern.findall(path.read_text(errors="replace")))
-        except OSError:
-            continue
-    return names
 
 
 def launch(exp: Experiment, command: str, module: str) -> list[str]:

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{', '.join(FAMILIES)}")
     results = os.path.join(args.out, "results.json")
     if os.path.exists(results) and not args.force:
-        return fail(prog, f"{results} exists: pass --force to overwrite it, or another --out")
+        return fail(prog, f"{args.out} already holds a run ({results}): pass --force to overwrite it, or another --out")
     for family in families:
         if latest_checkpoint(os.path.join(args.out, family)):
             return fail(prog, f"{os.path.join(args.out, family)} already holds a run: remove it or pass another --out")

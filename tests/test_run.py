@@ -91,8 +91,8 @@ def test_failed_encoder_is_recorded_and_the_others_complete(first_run):
     table = pd.read_csv(run / "results.csv")
     assert set(table["encoder"]) == {"a", "b"}
     assert {"ov2_gqa", "ov2_pope", "fmnist_probe", "fmnist_zeroshot"} <= set(table["task"])
-    assert list(table.columns[:9]) == ["experiment", "encoder", "task", "metric", "value", "stderr", "n", "chance",
-                                       "seed"]
+    assert list(table.columns[:10]) == ["experiment", "encoder", "role", "task", "metric", "value", "stderr", "n",
+                                        "chance", "seed"]
     assert pd.read_parquet(run / "results.parquet").shape == table.shape
     status = read_status(run / "encoders" / "a" / "bridge")
     assert status["wall_s"] > 0 and status["peak_rss_mb"] > 100

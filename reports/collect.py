@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from benchmarks.runner.experiment import control_of
 from benchmarks.runner.results import COLUMNS
 from ov2.runfolder import read_metrics, read_status
 
@@ -213,7 +214,7 @@ def _role(encoder: str, label: str, experiment: dict, results: pd.DataFrame) -> 
         return str(roles.iloc[0])
     controls = experiment.get("controls")
     controls = controls if isinstance(controls, list) else []
-    return "control" if encoder in controls or encoder.rsplit("-seed", 1)[0] in controls else "encoder"
+    return "control" if control_of(encoder, controls) else "encoder"
 
 
 def load_paper(name: str | None, reference_dir: Path = REFERENCE_DIR) -> pd.DataFrame | None:

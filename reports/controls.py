@@ -11,14 +11,8 @@ are answered as well without the image.
 
 from __future__ import annotations
 
+from benchmarks.runner.experiment import control_of
 from reports.stats import paired_differences
-
-CONTROLS = ("blind", "random-init")
-
-
-def _control_of(name: str) -> str | None:
-    base = name.rsplit("-seed", 1)[0]
-    return base if base in CONTROLS else None
 
 
 def controls_section(run: dict, tasks: list[str], labels: dict[str, str]) -> dict | None:
@@ -26,13 +20,13 @@ def controls_section(run: dict, tasks: list[str], labels: dict[str, str]) -> dic
     None when the run has no control with answers."""
     roles = run.get("roles") or {}
     samples = run["samples"]
-    controls = [e for e in run["encoders"] if roles.get(e) == "control" and _control_of(e)
+    controls = [e for e in run["encoders"] if roles.get(e) == "control" and control_of(e)
                 and (samples["encoder"] == e).any()]
     encoders = [e for e in run["encoders"] if roles.get(e, "encoder") != "control"]
     if not controls or not encoders:
         return None
     diffs = {c: paired_differences(samples[samples["encoder"].isin([*encoders, c])], reference=c) for c in controls}
-    blind = next((c for c in controls if _control_of(c) == "blind"), None)
+    blind = next((c for c in controls if control_of(c) == "blind"), None)
     rows, needs_vision, cleared = [], [], {e: [] for e in encoders}
     for task in tasks:
         cells = []
@@ -71,7 +65,7 @@ def _sentence(encoders, controls, blind, rows, cleared, diffs, labels) -> str:
         quiet = [r["label"] for r in rows if r["no_vision"]]
         if quiet:
             parts.append(f"no encoder clears blind on {', '.join(quiet)}: at this scale these do not need vision")
-    init = next((c for c in controls if _control_of(c) == "random-init"), None)
+    init = next((c for c in controls if control_of(c) == "random-init"), None)
     if init is not None:
         d = diffs[init]
         for enc in encoders:

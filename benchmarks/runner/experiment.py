@@ -40,6 +40,14 @@ from ov2.config import ConfigError, build, read_yaml_file
 SUITE_TASKS = tuple(TASKS)  # the built-in suite: eval.tasks when the file names none
 CONTROLS = ("blind", "random-init")  # the no-vision floor and the untrained tower (runner/plan.py)
 SOURCES = ("preset", "checkpoint", "transformers", "openvision")
+
+
+def control_of(name: str, controls=CONTROLS) -> str | None:
+    """The control an encoder folder name stands for (`blind`, `blind-seed1`, ...), or None."""
+    base = name.rsplit("-seed", 1)[0]
+    return base if base in controls else None
+
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -74,13 +74,18 @@ def make_blind(model) -> None:
 
 
 def trainable_groups(model, *, stage: int, unfreeze_vision: bool = False) -> dict[str, list[nn.Parameter]]:
-    """Freeze per LLaVA-1.5: stage 1 trains the projector; stage 2 the projector and LLM (+ tower if asked). A blind
-    model's projector trains its output bias only (make_blind)."""
+    """Freeze per LLaVA-1.5: stage 1 trains the projector; stage 2 the projector and LLM (+ tower if asked), or, when
+    the LLM holds LoRA adapters (bridge.lora), the projector and the adapters. A blind model's projector trains its
+    output bias only (make_blind)."""
+    from bridge.lora import has_lora, lora_parameters
+
     inner = model.model
     projector = inner.multi_modal_projector
     blind = getattr(model.config, "blind", False)
     groups = {"projector": [projector.linear_2.bias] if blind else list(projector.parameters())}
-    if stage == 2:
+    if stage == 2 and has_lora(inner.language_model):
+        groups["llm"] = lora_parameters(inner.language_model)
+    elif stage == 2:
         groups["llm"] = list(inner.language_model.parameters())
         if model.lm_head.weight is not inner.language_model.get_input_embeddings().weight:
             groups["llm"] += list(model.lm_head.parameters())

@@ -5,6 +5,7 @@ path (`--stage1.steps=50`) or unique leaf (`--eval_samples=8`), or a YAML file o
 is a ConfigError naming it (one line, exit 2).
 
     stage 1: projector only, LR 1e-3          stage 2: projector + LLM, LR 2e-5 (projector_lr: the projector's own)
+                                              or projector + LoRA adapters on a frozen LLM (stage2.lora_r, bridge.lora)
     unfreeze_vision: the tower trains too, at its own LR (Open-LLaVA-NeXT style, 2e-6)
 
 RESUME_SAFE / RUN_RESUME_SAFE: what a rerun into the same folder may change (ov2.resume.check_resume), for a stage
@@ -45,6 +46,8 @@ class LlavaStageConfig:
     projector_lr: float | None = None  # None: lr (LLaVA); a short CPU budget trains the projector faster
     unfreeze_vision: bool = False
     vision_lr: float = 2e-6
+    lora_r: int = 0  # stage 2: 0 trains the whole LLM (LLaVA-1.5); r > 0 LoRA adapters of rank r on a frozen LLM
+    lora_alpha: float | None = None  # None: 2 r (LLaVA-1.5's LoRA recipe: r 128, alpha 256)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     bf16: str = "auto"  # bf16 autocast: auto (where the device multiplies bf16 natively: ov2.precision), true, false
@@ -69,6 +72,12 @@ def validate_stage(cfg: LlavaStageConfig, name: str = "stage") -> LlavaStageConf
     for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "nan_patience"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{name}.{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.lora_r < 0 or (cfg.lora_r and cfg.stage != 2):
+        raise ConfigError(f"{name}.lora_r: LoRA adapters are for stage 2 only, with r >= 1 (0: off), got {cfg.lora_r}")
+    if cfg.lora_r and cfg.lora_alpha is None:
+        cfg.lora_alpha = 2.0 * cfg.lora_r
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise ConfigError(f"{name}.lora_alpha must be positive, got {cfg.lora_alpha}")
     if cfg.lr is None:
         cfg.lr = DEFAULT_LR[cfg.stage]
     if cfg.lr <= 0 or cfg.vision_lr <= 0 or (cfg.projector_lr is not None and cfg.projector_lr <= 0):
@@ -95,6 +104,8 @@ class BridgeConfig:
     synth_kinds: str = "shapes,text,chart"  # built-in scene kinds (comma-separated)
     stage2_types: str = ""  # built-in question types to keep (comma-separated; empty = all)
     stage2_turns: int = 1  # built-in stage 2: questions per image, one conversation (LLaVA-1.5's data is multi-turn)
+    stage2_tasks: str = ""  # built-in tasks whose train split stage 2 holds (held-in, as LLaVA-1.5's mix holds GQA's)
+    stage2_task_share: float = 0.5  # the fraction of stage-2 records drawn from those train splits
     stage1: LlavaStageConfig = field(default_factory=lambda: LlavaStageConfig(stage=1, steps=100))
     stage2: LlavaStageConfig = field(default_factory=lambda: LlavaStageConfig(stage=2, steps=200))
     eval_samples: int = 200
@@ -128,6 +139,18 @@ def validate(cfg: BridgeConfig) -> BridgeConfig:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.stage2_turns < 1:
         raise ConfigError(f"stage2_turns must be at least 1, got {cfg.stage2_turns}")
+    if not 0.0 <= cfg.stage2_task_share <= 1.0:
+        raise ConfigError(f"stage2_task_share must be in [0, 1], got {cfg.stage2_task_share}")
+    tasks = [t for t in cfg.stage2_tasks.split(",") if t]
+    if tasks:
+        from benchmarks.evals.suite.tasks import TASKS
+
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"stage2_tasks: unknown built-in tasks {unknown}; choose from {', '.join(TASKS)}")
+        unseen = [t for t in tasks if TASKS[t].heldout]
+        if unseen:
+            raise ConfigError(f"stage2_tasks: {unseen} ask only about held-out scenes: they have no train split")
     if cfg.eval_samples < 0:
         raise ConfigError(f"eval_samples must be 0 or more, got {cfg.eval_samples}")
     if not cfg.encoder:

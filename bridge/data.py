@@ -267,6 +267,43 @@ class SynthInstructions(Dataset):
         return self.item(i)
 
 
+class TaskMix(Dataset):
+    """Stage 2 holding built-in tasks' train splits, as LLaVA-1.5's instruction mix holds the train splits of VQAv2,
+    GQA, TextVQA and OCR-VQA: record i is, with probability `share`, one of the `per_task` train-split records of a
+    task (`benchmarks.evals.suite.build.generate(name, split="train")`: the task's own questions, prompt suffix and
+    answer balance; its test split stays unseen), else `base[i]`. Every record is a pure function of i."""
+
+    def __init__(self, base: Dataset, tasks: tuple[str, ...], share: float, per_task: int = 256,
+                 image_size: int = 64, seed: int = TRAIN_SEED + 2):
+        self.base, self.tasks, self.share = base, tuple(tasks), share
+        self.per_task, self.image_size, self.seed = per_task, image_size, seed
+        self._pool: list[dict] | None = None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def pool(self) -> list[dict]:
+        if self._pool is None:
+            from benchmarks.evals.suite.build import generate
+            from benchmarks.evals.suite.tasks import get_task
+
+            self._pool = []
+            for name in self.tasks:
+                suffix = get_task(name).suffix
+                for r in generate(name, n=self.per_task, size=self.image_size, split="train"):
+                    self._pool.append({"id": f"{name}-train-{r['id']}", "image": r["image"], "type": name,
+                                       "question": r["question"] + suffix, "answer": r["answer"],
+                                       "conversations": _turns(r["question"] + suffix, r["answer"])})
+        return self._pool
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, i])
+        if self.tasks and rng.random() < self.share:
+            pool = self.pool()
+            return pool[int(rng.integers(len(pool)))]
+        return self.base[i]
+
+
 class Collator:
     """Records -> padded batch (right padding; labels -100 on prompt, image and pad tokens)."""
 

@@ -8,7 +8,8 @@ Everything is checked before anything is written: the config, an existing OUT's 
 LLM, feature layer or seed in the same OUT is refused; a non-empty OUT without one is the user's and refused), and
 the encoder itself (it is loaded first).
 Data: "synth" (built-in scenes: SynthCaptions for stage 1, SynthInstructions for stage 2) or a LLaVA JSON file
-(`stage1_data` / `stage2_data`, images under `image_root`).
+(`stage1_data` / `stage2_data`, images under `image_root`); `stage2_tasks` mixes built-in tasks' train splits into
+stage 2 (bridge.data.TaskMix: those tasks become held-in).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from bridge.config import ARCHITECTURE, RUN_RESUME_SAFE, BridgeConfig, upgrade, validate
+from bridge.lora import add_lora, merge_lora
 from bridge.train import latest_weights, load_trainable, train_stage
 from ov2 import runfolder
 from ov2.config import ConfigError
@@ -92,16 +94,19 @@ def build(cfg: BridgeConfig):
 
 
 def datasets(cfg: BridgeConfig, image_size: int):
-    from bridge.data import LlavaJsonDataset, SynthCaptions, SynthInstructions
+    from bridge.data import LlavaJsonDataset, SynthCaptions, SynthInstructions, TaskMix
 
     def pick(spec: str, synth):
         return synth if spec == "synth" else LlavaJsonDataset(spec, cfg.image_root)
 
     kinds = tuple(k for k in cfg.synth_kinds.split(",") if k)
     types = tuple(t for t in cfg.stage2_types.split(",") if t) or None
-    return (pick(cfg.stage1_data, SynthCaptions(cfg.stage1_samples, image_size=image_size, kinds=kinds)),
-            pick(cfg.stage2_data, SynthInstructions(cfg.stage2_samples, image_size=image_size, kinds=kinds,
-                                                    types=types, turns=cfg.stage2_turns)))
+    stage2 = pick(cfg.stage2_data, SynthInstructions(cfg.stage2_samples, image_size=image_size, kinds=kinds,
+                                                     types=types, turns=cfg.stage2_turns))
+    tasks = tuple(t for t in cfg.stage2_tasks.split(",") if t)
+    if tasks:
+        stage2 = TaskMix(stage2, tasks, cfg.stage2_task_share, image_size=image_size)
+    return pick(cfg.stage1_data, SynthCaptions(cfg.stage1_samples, image_size=image_size, kinds=kinds)), stage2
 
 
 def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
@@ -136,8 +141,10 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
         dist.barrier()
         model.to(device)
         summary["stage1"] = train_stage(model, data1, collate, cfg.stage1, out / "stage1", inputs=(key,))
+        with_lora(model, cfg)
         summary["stage2"] = train_stage(model, data2, collate, cfg.stage2, out / "stage2", inputs=(key,))
         model.to("cpu")  # export and the held-out check run where any reader can load them
+        merge_lora(model)  # LoRA adapters folded into the LLM: the export is a plain LLaVA either way
         if dist.is_main():
             export_llava(model, processor, out / "model", extra={"encoder": cfg.encoder, "llm": cfg.llm})
             if evaluate and cfg.eval_samples > 0:
@@ -146,6 +153,12 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     dist.barrier()
     dist.teardown()
     return summary
+
+
+def with_lora(model, cfg: BridgeConfig) -> None:
+    """Stage 2's LoRA adapters (stage2.lora_r > 0), seeded by the run's seed; nothing otherwise."""
+    if cfg.stage2.lora_r:
+        add_lora(model, r=cfg.stage2.lora_r, alpha=cfg.stage2.lora_alpha, seed=cfg.seed)
 
 
 def load_trained(run_dir: str | Path):
@@ -157,7 +170,10 @@ def load_trained(run_dir: str | Path):
     cfg = BridgeConfig.from_dict(tree)
     model, processor, _ = build(cfg)
     for stage in ("stage1", "stage2"):
+        if stage == "stage2":
+            with_lora(model, cfg)
         weights = latest_weights(run_dir / stage)
         if weights is not None:
             load_trainable(model, weights)
+    merge_lora(model)
     return model.eval(), processor, cfg

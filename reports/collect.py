@@ -203,7 +203,17 @@ def load_run(run_dir: str | Path) -> dict:
         "encoder_eval": {show(k): v for k, v in enc_eval.items() if v},
         "configs": {(show(e), name): text for (e, name), text in configs.items()}, "data_dir": run / "data",
         "roles": {show(e): _role(e, show(e), experiment, results) for e in encoders},
+        "held_in": held_in_tasks(experiment),
     }
+
+
+def held_in_tasks(experiment: dict) -> list[str]:
+    """The tasks whose train split the bridge's stage-2 mix holds (`bridge.overrides.stage2_tasks`): held-in."""
+    overrides = (experiment.get("bridge") or {}).get("overrides") or {}
+    tasks = overrides.get("stage2_tasks", "")
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    return [str(t).strip() for t in tasks or [] if str(t).strip()]
 
 
 def _role(encoder: str, label: str, experiment: dict, results: pd.DataFrame) -> str:

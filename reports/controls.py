@@ -47,6 +47,7 @@ def controls_section(run: dict, tasks: list[str], labels: dict[str, str]) -> dic
         if blind is not None and beats_blind:
             needs_vision.append(task)
         rows.append({"task": task, "label": labels.get(task, task), "cells": cells,
+                     "split": "held-in" if task in run.get("held_in", ()) else "held-out",
                      "no_vision": blind is not None and not beats_blind})
     header = [(enc, control) for enc in encoders for control in controls]
     return {"controls": controls, "encoders": encoders, "header": header, "rows": rows,

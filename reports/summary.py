@@ -91,7 +91,8 @@ def build_summary(run: dict) -> dict:
         chance = _num(col["chance"].dropna().iloc[0]) if col["chance"].notna().any() else None
         columns.append({"task": task, "label": task_label(task), "percent": percent, "metric": col["metric"].iloc[0],
                         "unit": "%" if percent else "score", "best": best, "chance": chance,
-                        "chance_text": _fmt(chance, percent), "n": _num(col["n"].max())})
+                        "chance_text": _fmt(chance, percent), "n": _num(col["n"].max()),
+                        "split": "held-in" if task in run.get("held_in", ()) else "held-out"})
 
     diffs = paired_differences(run["samples"], ref) if ref else pd.DataFrame()
     cell_of = {(r.encoder, r.task): r for r in prim.itertuples(index=False)}
@@ -144,6 +145,10 @@ def _sentence(rows: list[dict], columns: list[dict], ref: str | None, run: dict)
         said += [f"within noise on {'all' if noise == len(diffs) else noise} of {len(diffs)} tasks"] if noise else []
         text += f" Against {ref}, {r['encoder']} is {', '.join(said)}."
     text += " (Real = the 95% paired-bootstrap interval over the same questions excludes zero.)"
+    held_in = [c["label"] for c in columns if c["split"] == "held-in"]
+    if held_in:
+        text += (f" Held-in: {_names(held_in)} (their train split is in the bridge's stage-2 mix, as GQA's is in "
+                 f"LLaVA-1.5's; the test questions are unseen); the other tasks are held-out.")
     status = run["status"]
     broken = sorted(set(status.loc[status["state"].isin(["failed", "interrupted"]), "encoder"]))
     if broken:

@@ -22,6 +22,23 @@ def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedP
                           cwd=ROOT, env=env, **kwargs)
 
 
+def run_inprocess(*args: str, timeout: float | None = None, **_) -> subprocess.CompletedProcess:
+    """`ov2 ARGS` through the same `ov2.cli.main` in this process (stdout/stderr captured, exit code from its return
+    or SystemExit): for the many one-line-error checks, where a fresh interpreter per case costs seconds each."""
+    import contextlib
+    import io
+
+    from ov2.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return subprocess.CompletedProcess(["ov2", *args], code, out.getvalue(), err.getvalue())
+
+
 def records(run: str) -> list[dict]:
     """The metrics.jsonl records of a run folder."""
     return read_metrics(os.path.join(run, "metrics.jsonl"))

@@ -34,6 +34,7 @@ _DRAWS = {
     "ov2_gqa": (["colour", "shape", "position"], ["red", "green", "left", "circle"]),
     "ov2_pope": (["random", "popular", "adversarial"], ["yes", "no"]),
     "ov2_fashion": (["clothing"], ["A", "B", "C", "D"]),
+    "ov2_gqa_unseen": (["colour", "shape", "position"], ["red", "green", "left", "circle"]),
 }
 # task -> (primary metric, chance, per-question types, answers to draw from); metric and chance from the suite's table
 TASKS = {task: (spec.primary, spec.chance, *_DRAWS[task]) for task, spec in SUITE.items()}

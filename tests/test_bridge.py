@@ -224,6 +224,7 @@ FRESH = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_exported_llava_generates_same_tokens_in_fresh_process(tmp_path, tokenizer):
     from bridge.evaluate import generate_ids
     from bridge.export import export_llava

@@ -5,6 +5,7 @@ import torch
 
 from encoder.config import ConfigError, apply_overrides, apply_yaml, get_preset, validate
 from encoder.models import build_model
+from tests.helpers import run_inprocess
 
 
 @pytest.mark.parametrize("preset,vit_m", [("ov2-l14", 304), ("ov2-so400m14", 412), ("ov2-h14", 632), ("ov2-g14", 1010)])
@@ -52,8 +53,8 @@ def test_overrides_by_path_and_unique_leaf(tmp_path):
     ("--keep_ratio=1.5", "keep_ratio must be in (0, 1]"),
     ("--seed=abc", "seed: expected int"),
 ])
-def test_bad_config_exits_2_with_one_line(cli, tmp_path, override, message):
-    result = cli("train", "--preset", "ov2-tiny", "--out", str(tmp_path / "run"), override, timeout=120)
+def test_bad_config_exits_2_with_one_line(tmp_path, override, message):
+    result = run_inprocess("train", "--preset", "ov2-tiny", "--out", str(tmp_path / "run"), override, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

@@ -73,6 +73,7 @@ def test_corrupt_inputs_are_skipped_and_counted(tmp_path):
     assert batch["bad"] == {"corrupt_image": 1, "empty_caption": 1}
 
 
+@pytest.mark.slow
 def test_too_many_bad_samples_stop_with_a_clear_message(cli, tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -11,7 +11,7 @@ import yaml
 
 from benchmarks.runner.experiment import EncoderSpec, Experiment, ExperimentError, from_dict, to_dict
 from ov2.config import ConfigError, build, flatten
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, run_inprocess
 
 DEFAULT = os.path.join(ROOT, "benchmarks/runner/experiments/default.yaml")
 
@@ -19,7 +19,7 @@ DEFAULT = os.path.join(ROOT, "benchmarks/runner/experiments/default.yaml")
 def dry_run(tmp_path: Path, extra: dict) -> tuple[int, str]:
     tree = {"name": "t", "encoders": {"a": {"preset": "ov2-micro"}}, **extra}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(tree))
-    res = run_cli("run", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "run"), "--dry-run", timeout=120)
+    res = run_inprocess("run", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "run"), "--dry-run")
     return res.returncode, res.stderr.strip()
 
 
@@ -49,7 +49,7 @@ def test_bad_override_fails_the_dry_run_naming_it(tmp_path, extra, message):
 
 def test_default_experiment_plans(tmp_path):
     for quick in ((), ("--quick",)):
-        res = run_cli("run", DEFAULT, "--out", str(tmp_path / "run"), "--dry-run", *quick, timeout=120)
+        res = run_inprocess("run", DEFAULT, "--out", str(tmp_path / "run"), "--dry-run", *quick)
         assert res.returncode == 0, res.stderr[-2000:]
         assert "openvision2/pretrain" in res.stdout and "--stage2.lr=" in res.stdout
     assert not (tmp_path / "run").exists()

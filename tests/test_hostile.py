@@ -146,6 +146,7 @@ def test_5_preset_tower_is_seeded_by_the_run_seed():
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()) if pa.std() > 0)
 
 
+@pytest.mark.slow
 def test_6_a_second_writer_exits_2_naming_the_holder(tmp_path):
     out = tmp_path / "busy"
     with RunLock(out):  # held by this process: another process is refused, naming it
@@ -309,6 +310,7 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_how_to_resume_and_exits_130(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": ROOT}

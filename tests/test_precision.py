@@ -47,7 +47,7 @@ def test_forced_settings_win_and_bad_ones_name_the_key():
         check_bf16("maybe", "stage2.bf16")
 
 
-@pytest.mark.parametrize("flavour", ["native", "avx2"])
+@pytest.mark.parametrize("flavour", [pytest.param("native", marks=pytest.mark.slow), "avx2"])
 def test_a_training_run_says_its_precision_once_and_keeps_it(tmp_path, flavour):
     from helpers import ROOT
 

@@ -134,6 +134,7 @@ def test_one_metrics_schema_for_every_trainer(pretrain_run, bridge_run):
         assert elapsed == sorted(elapsed) and elapsed[-1] > 0
 
 
+@pytest.mark.slow
 def test_bridge_stage_resumes_exactly_after_kill9(our_ckpt, bridge_run, tmp_path):
     straight, broken = bridge_run, tmp_path / "broken"
     proc = _bridge_process(our_ckpt, broken, slow=0.15, wait=False)
@@ -150,6 +151,7 @@ def test_bridge_stage_resumes_exactly_after_kill9(our_ckpt, bridge_run, tmp_path
     assert [r["loss"] for r in read_run(broken)["metrics"]] == [r["loss"] for r in read_run(straight)["metrics"]]
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_and_resume_is_still_exact(pretrain_run, tmp_path):
     import shutil
 
@@ -193,6 +195,7 @@ def test_bridge_stage_falls_back_from_a_damaged_checkpoint(our_ckpt, bridge_run,
     assert [r["step"] for r in read_run(run)["metrics"]] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_is_one_clear_error(pretrain_run, tmp_path):
     import shutil
 

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.evals.suite import metrics as M
 from benchmarks.evals.suite.build import build_task, generate
-from benchmarks.evals.suite.tasks import MC, MIN_N, TASKS
+from benchmarks.evals.suite.tasks import MC, MIN_N, TASKS, TRAIN_OFFSET
 
 # --- metrics ------------------------------------------------------------------------------------------------------
 
@@ -179,9 +179,10 @@ def test_task_readme_agrees_with_the_table():
     rows = [line.strip("|").split(" | ") for line in (TASKS_DIR / "README.md").read_text().splitlines()
             if line.startswith("| ov2_")]
     assert [r[0].strip() for r in rows] == list(TASKS)
-    for name, column, primary, chance, n, scored, kind in rows:
+    for name, column, primary, chance, n, scenes, scored, kind in rows:
         spec = TASKS[name.strip()]
         assert (column, primary, chance, int(n)) == (spec.column or "-", spec.primary, f"{spec.chance:.3g}", spec.n)
+        assert scenes == ("unseen" if spec.heldout else "trained"), name
         assert scored == ("likelihood" if spec.output_type == MC else "generation"), name
         assert kind.strip() == spec.kind
 
@@ -250,9 +251,9 @@ def test_suite_disjoint_from_training():
     from bridge.data import HELDOUT_SEED, TRAIN_SEED
     from encoder.data.synth import is_heldout, make_scene
 
-    seeds = [t.seed for t in TASKS.values()]
+    seeds = [t.seed for t in TASKS.values()] + [t.seed + TRAIN_OFFSET for t in TASKS.values()]  # test, train splits
     assert len(set(seeds)) == len(seeds) and not set(seeds) & {0, TRAIN_SEED, TRAIN_SEED + 1, HELDOUT_SEED}
-    # by construction: training sets never use a held-out scene, and every suite scene is one
+    # by construction: training sets never use a held-out scene, and every held-out task's scene is one
     from bridge.data import training_scene
 
     assert not any(is_heldout(training_scene(TRAIN_SEED, i, 64, ("shapes", "text", "chart"))) for i in range(300))

@@ -16,7 +16,7 @@ from encoder.config import apply_overrides, get_preset
 from encoder.data.synth import COLOURS, SHAPES, make_scene
 from encoder.data.transforms import eval_transform
 from encoder.tokenizer import get_tokenizer
-from tests.helpers import ROOT, linear_calls, records
+from tests.helpers import ROOT, linear_calls, records, run_inprocess
 
 
 @pytest.mark.slow
@@ -97,13 +97,15 @@ def test_exact_resume_after_sigkill(cli, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 20  # no duplicated metric lines after the resume
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_a_diverging_run(cli, tmp_path):
     result = cli("train", "--out", str(tmp_path / "nan"), "--preset", "ov2-micro", "--stages.0.lr=1e30",
                  "--stages.0.warmup_steps=0", "--stages.0.steps=40", "--stages.1.steps=1", "--nan_patience=3")
     assert result.returncode == 1 and "not finite for 3 steps in a row" in result.stderr, result.stderr[-2000:]
 
 
-def test_existing_run_needs_resume(cli, tmp_path):
+def test_existing_run_needs_resume(tmp_path):
+    cli = run_inprocess
     run = str(tmp_path / "run")
     args = ["--preset", "ov2-micro", "--stages.0.steps=2", "--stages.1.steps=1"]
     assert cli("train", "--out", run, *args).returncode == 0

@@ -16,19 +16,28 @@ import shutil
 from pathlib import Path
 
 from benchmarks.evals.suite import reading, shapes
-from benchmarks.evals.suite.tasks import get_task
+from benchmarks.evals.suite.tasks import TRAIN_OFFSET, get_task
 
 GENERATORS = {
     "ov2_textvqa": reading.make_textvqa, "ov2_chartqa": reading.make_chartqa, "ov2_ocrbench": reading.make_ocrbench,
     "ov2_mme": shapes.make_mme, "ov2_seed": shapes.make_seed, "ov2_sqa": reading.make_sqa, "ov2_gqa": shapes.make_gqa,
     "ov2_pope": shapes.make_pope, "ov2_fashion": reading.make_fashion,
-}
+}  # a TaskSpec with `generator` set shares another task's (ov2_gqa_unseen: ov2_gqa's over held-out scenes)
 COLUMNS = ("id", "image_id", "image", "question", "answer", "type")
 
 
-def generate(name: str, n: int | None = None, seed: int | None = None, size: int = 64) -> list[dict]:
+def generate(name: str, n: int | None = None, seed: int | None = None, size: int = 64, split: str = "test"
+             ) -> list[dict]:
+    """A task's records: its test split (what it scores), or its train split (split="train": seed + TRAIN_OFFSET,
+    Fashion-MNIST train images), which a bridge's stage-2 mix may hold (bridge.data.TaskMix)."""
     spec = get_task(name)
-    return GENERATORS[name](spec.n if n is None else n, spec.seed if seed is None else seed, size)
+    seed = spec.seed if seed is None else seed
+    if split == "train":
+        seed += TRAIN_OFFSET
+    elif split != "test":
+        raise ValueError(f"split must be test or train, got {split!r}")
+    make = GENERATORS[spec.generator or name]
+    return make(spec.n if n is None else n, seed, size, heldout=spec.heldout, split=split)
 
 
 def build_task(name: str, out: str | Path, n: int | None = None, seed: int | None = None, size: int = 64) -> Path:

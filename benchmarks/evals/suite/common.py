@@ -1,9 +1,11 @@
-"""What every generator shares: the stream of held-out scenes, answer quotas, and the record layout.
+"""What every generator shares: the stream of scenes (held-out or training-like), answer quotas, the record layout.
 
 A record (one row of a task's dataset): {"id", "image_id", "image" (PIL), "question" (without the suffix),
-"answer", "type"}. Generators draw candidates from `heldout_scenes(seed, kind)` (scenes no training set contains)
-and keep them under per-answer quotas (`balanced`), so every answer is equally frequent; `interleave` orders the
-rows round-robin over answers so that the first N rows (lmms-eval's --limit) are balanced as well.
+"answer", "type"}. Generators draw candidates from `scenes(seed, kind, heldout=...)`: a held-out task's scenes are
+those no training set contains (`encoder.data.synth.is_heldout`), a held-in task's are drawn like the training
+scenes (the same combinations, other seeds); they keep them under per-answer quotas (`balanced`), so every answer
+is equally frequent; `interleave` orders the rows round-robin over answers so that the first N rows (lmms-eval's
+--limit) are balanced as well.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ import numpy as np
 MAX_DRAWS = 200_000
 
 
-def heldout_scenes(seed: int, kind: str, size: int = 64, min_groups: int = 1) -> Iterator[tuple[int, object]]:
+def scenes(seed: int, kind: str, size: int = 64, min_groups: int = 1, heldout: bool = True
+           ) -> Iterator[tuple[int, object]]:
     """(index, scene) for every scene of `make_scene(seed, index, kinds=(kind,))` that `is_heldout` reserves
-    (for shapes: with at least `min_groups` groups)."""
+    (heldout=True) or leaves to training (heldout=False); for shapes, with at least `min_groups` groups."""
     from encoder.data.synth import is_heldout, make_scene
 
     for index in range(MAX_DRAWS):
         scene = make_scene(seed, index, size=size, kinds=(kind,))
-        if is_heldout(scene) and (kind != "shapes" or len(scene.objects) >= min_groups):
+        if is_heldout(scene) == heldout and (kind != "shapes" or len(scene.objects) >= min_groups):
             yield index, scene
-    raise RuntimeError(f"fewer held-out {kind} scenes than asked in {MAX_DRAWS} draws of seed {seed}")
+    raise RuntimeError(f"fewer {kind} scenes than asked in {MAX_DRAWS} draws of seed {seed}")
 
 
 def quotas(n: int, groups: dict[str, tuple[float, list[Hashable]]]) -> dict[Hashable, int]:

@@ -1,42 +1,45 @@
-"""Generators over text and chart scenes (held-out (word, colour) and (bar colour, bar count) combinations) and
-over real Fashion-MNIST test images: TextVQA-, OCRBench-, ChartQA- and ScienceQA-like tasks, and ov2_fashion.
+"""Generators over text and chart scenes ((word, colour) and (bar colour, bar count) combinations: held-out ones,
+or those training draws from) and over real Fashion-MNIST images: TextVQA-, OCRBench-, ChartQA- and ScienceQA-like
+tasks, and ov2_fashion.
 
-Each `make_<task>(n, seed, size) -> list[record]` is a pure function of its arguments.
+Each `make_<task>(n, seed, size, heldout, split) -> list[record]` is a pure function of its arguments
+(benchmarks.evals.suite.build: synthetic scenes split by seed, Fashion-MNIST by `split`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.evals.suite.common import balanced, heldout_scenes, interleave, lettered, quotas
+from benchmarks.evals.suite.common import balanced, interleave, lettered, quotas, scenes
 
 
 def _record(index: int, image, question: str, answer: str, qtype: str) -> dict:
     return {"id": 0, "image_id": index, "image": image, "question": question, "answer": answer, "type": qtype}
 
 
-def _words(n: int, seed: int, size: int, question: str) -> list[dict]:
+def _words(n: int, seed: int, size: int, question: str, heldout: bool) -> list[dict]:
     from encoder.data.synth import WORDS
 
-    rows = (_record(i, s.image, question, s.meta["word"], "word") for i, s in heldout_scenes(seed, "text", size))
+    rows = (_record(i, s.image, question, s.meta["word"], "word")
+            for i, s in scenes(seed, "text", size, heldout=heldout))
     key = lambda r: r["answer"]
     return interleave(balanced(rows, quotas(n, {"words": (1, list(WORDS))}), key), key)
 
 
-def make_textvqa(n: int, seed: int, size: int = 64) -> list[dict]:
-    return _words(n, seed, size, "What word is written in the image?")
+def make_textvqa(n: int, seed: int, size: int = 64, heldout: bool = True, split: str = "test") -> list[dict]:
+    return _words(n, seed, size, "What word is written in the image?", heldout)
 
 
-def make_ocrbench(n: int, seed: int, size: int = 64) -> list[dict]:
-    return _words(n, seed, size, "What is written in the image?")
+def make_ocrbench(n: int, seed: int, size: int = 64, heldout: bool = True, split: str = "test") -> list[dict]:
+    return _words(n, seed, size, "What is written in the image?", heldout)
 
 
-def make_chartqa(n: int, seed: int, size: int = 64) -> list[dict]:
+def make_chartqa(n: int, seed: int, size: int = 64, heldout: bool = True, split: str = "test") -> list[dict]:
     """"What is the value of bar C?" (answers 1-9, 2/3) and "Which bar is taller, A or D?" (1/3; the taller one
     named first or second equally often)."""
 
     def candidates():
-        for index, scene in heldout_scenes(seed, "chart", size):
+        for index, scene in scenes(seed, "chart", size, heldout=heldout):
             rng = np.random.default_rng([seed, index])
             labels, values = scene.meta["labels"], scene.meta["values"]
             if index % 3 < 2:
@@ -60,11 +63,11 @@ def make_chartqa(n: int, seed: int, size: int = 64) -> list[dict]:
     return rows
 
 
-def make_sqa(n: int, seed: int, size: int = 64) -> list[dict]:
+def make_sqa(n: int, seed: int, size: int = 64, heldout: bool = True, split: str = "test") -> list[dict]:
     """ScienceQA's layout (Context line, question, lettered options) over bar charts: which of two bars is larger
     (2 options) or which of three is the largest (3 options), in turn; the right letter rotates."""
     out = []
-    for index, scene in heldout_scenes(seed, "chart", size):
+    for index, scene in scenes(seed, "chart", size, heldout=heldout):
         if len(out) >= n:
             break
         rng = np.random.default_rng([seed, index])
@@ -88,17 +91,17 @@ def make_sqa(n: int, seed: int, size: int = 64) -> list[dict]:
     return out
 
 
-def make_fashion(n: int, seed: int, size: int = 64) -> list[dict]:
-    """Fashion-MNIST test images (never in pretraining, which reads the train split; test images whose pixels also
-    occur in the train split are skipped), classes in turn, four options, the right letter rotating."""
+def make_fashion(n: int, seed: int, size: int = 64, heldout: bool = True, split: str = "test") -> list[dict]:
+    """Fashion-MNIST images of `split` (the test split is never in pretraining, which reads the train split; test
+    images whose pixels also occur in the train split are skipped), classes in turn, four options, the right letter
+    rotating. Every class is trained on, so `heldout` changes nothing here."""
     from encoder.data.fashion_mnist import CLASSES, load_split, to_image
 
-    test_images, test_labels = load_split("test")
-    train_images, _ = load_split("train")
-    train_bytes = {img.tobytes() for img in train_images}
+    images, labels = load_split(split)
+    seen = {img.tobytes() for img in load_split("train")[0]} if split == "test" else set()
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(test_labels))
-    per_class = {c: [int(i) for i in order if test_labels[i] == c] for c in range(len(CLASSES))}
+    order = rng.permutation(len(labels))
+    per_class = {c: [int(i) for i in order if labels[i] == c] for c in range(len(CLASSES))}
     out = []
     taken = {c: 0 for c in per_class}
     while len(out) < n:
@@ -107,12 +110,12 @@ def make_fashion(n: int, seed: int, size: int = 64) -> list[dict]:
         while True:
             index = per_class[label][taken[label]]
             taken[label] += 1
-            if test_images[index].tobytes() not in train_bytes:
+            if images[index].tobytes() not in seen:
                 break
         others = [c for c in range(len(CLASSES)) if c != label]
         distractors = [CLASSES[int(c)] for c in np.random.default_rng([seed, index]).choice(others, 3, replace=False)]
         text, letter = lettered("Which item of clothing is shown in the image?", CLASSES[label], distractors,
                                 (i + i // len(CLASSES)) % 4)
-        out.append(_record(index, to_image(test_images[index], size), text, letter, "clothing"))
+        out.append(_record(index, to_image(images[index], size), text, letter, "clothing"))
         out[-1]["id"] = i
     return out

@@ -1,7 +1,9 @@
-"""Generators over shape scenes (two or three groups, at least one a held-out (colour, shape) pair):
-GQA-like short answers, POPE-like existence, MME-like yes/no pairs, SEED-like lettered choice.
+"""Generators over shape scenes (two or three groups; heldout=True: at least one a held-out (colour, shape) pair,
+heldout=False: only pairs that training scenes hold): GQA-like short answers, POPE-like existence, MME-like yes/no
+pairs, SEED-like lettered choice.
 
-Each `make_<task>(n, seed, size) -> list[record]` is a pure function of its arguments. The question templates
+Each `make_<task>(n, seed, size, heldout, split) -> list[record]` is a pure function of its arguments (the split is
+the seed's: benchmarks.evals.suite.build). The question templates
 are those the bridge's stage-2 mix teaches (bridge.data), so the suite tests the images, not the wording.
 The templates are written here, not imported from the bridge: the benchmark does not depend on the bridge's
 training data (only on encoder.data.synth's scenes and the suite's own prompt suffixes).
@@ -13,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 
-from benchmarks.evals.suite.common import balanced, heldout_scenes, interleave, lettered, quotas
+from benchmarks.evals.suite.common import balanced, interleave, lettered, quotas, scenes
 from benchmarks.evals.suite.prompts import YESNO
 from encoder.data.synth import COLOURS, POSITIONS, SHAPES, an, where
 
@@ -38,10 +40,10 @@ def _record(index: int, scene, question: str, answer: str, qtype: str, **extra) 
             **extra}
 
 
-def make_gqa(n: int, seed: int, size: int = 64) -> list[dict]:
+def make_gqa(n: int, seed: int, size: int = 64, heldout: bool = True, split: str = "test") -> list[dict]:
     """What colour is the <shape>? / What shape is the <colour> object? / Where is the <colour> <shape>?"""
     def candidates():
-        for index, scene in heldout_scenes(seed, "shapes", size, MIN_GROUPS):
+        for index, scene in scenes(seed, "shapes", size, MIN_GROUPS, heldout):
             rng = np.random.default_rng([seed, index])
             qtype = ("colour", "shape", "position")[index % 3]
             pool = _unique(scene.objects, "shape" if qtype == "colour" else "colour")
@@ -93,11 +95,11 @@ def _pair_questions(objects: list[dict], category: str, rng: np.random.Generator
             f"{verb(wrong)} {_things(o['colour'], o['shape'], wrong)} in the image?{YESNO}")
 
 
-def make_mme(n: int, seed: int, size: int = 64) -> list[dict]:
+def make_mme(n: int, seed: int, size: int = 64, heldout: bool = True, split: str = "test") -> list[dict]:
     """n // 2 images, two questions each (one "Yes", one "No", in alternating order), categories in turn."""
     categories = ("existence", "colour", "position", "count")
     out = []
-    for index, scene in heldout_scenes(seed, "shapes", size, MIN_GROUPS):
+    for index, scene in scenes(seed, "shapes", size, MIN_GROUPS, heldout):
         if len(out) >= n:
             break
         category = categories[(len(out) // 2) % len(categories)]
@@ -112,23 +114,23 @@ def make_mme(n: int, seed: int, size: int = 64) -> list[dict]:
     return out
 
 
-def _popularity(seed: int, size: int) -> list[tuple[str, str]]:
+def _popularity(seed: int, size: int, heldout: bool) -> list[tuple[str, str]]:
     """(colour, shape) pairs by how many of the task's first 500 scenes hold them (POPE's "popular" objects)."""
     counts: Counter = Counter()
-    stream = heldout_scenes(seed, "shapes", size, MIN_GROUPS)
+    stream = scenes(seed, "shapes", size, MIN_GROUPS, heldout)
     for _ in range(500):
         _, scene = next(stream)
         counts.update({(o["colour"], o["shape"]) for o in scene.objects})
     return [pair for pair, _ in counts.most_common()]
 
 
-def make_pope(n: int, seed: int, size: int = 64) -> list[dict]:
+def make_pope(n: int, seed: int, size: int = 64, heldout: bool = True, split: str = "test") -> list[dict]:
     """Per image one present object ("yes") and one absent ("no"); the negative is random, popular (the most
     frequent absent pair) or adversarial (shares the colour or the shape of a present object), in turn."""
-    ranked = _popularity(seed, size)
+    ranked = _popularity(seed, size, heldout)
     categories = ("random", "popular", "adversarial")
     out = []
-    for index, scene in heldout_scenes(seed, "shapes", size, MIN_GROUPS):
+    for index, scene in scenes(seed, "shapes", size, MIN_GROUPS, heldout):
         if len(out) >= n:
             break
         rng = np.random.default_rng([seed, index])
@@ -152,11 +154,11 @@ def make_pope(n: int, seed: int, size: int = 64) -> list[dict]:
     return out
 
 
-def make_seed(n: int, seed: int, size: int = 64) -> list[dict]:
+def make_seed(n: int, seed: int, size: int = 64, heldout: bool = True, split: str = "test") -> list[dict]:
     """Four options; the right one at A, B, C, D in turn; colour, shape, position and count questions in turn."""
     qtypes = ("colour", "shape", "position", "count")
     out = []
-    for index, scene in heldout_scenes(seed, "shapes", size, MIN_GROUPS):
+    for index, scene in scenes(seed, "shapes", size, MIN_GROUPS, heldout):
         if len(out) >= n:
             break
         i = len(out)

@@ -24,6 +24,7 @@ from reports import collect, figures
 from reports.controls import controls_section
 from reports.efficiency import efficiency
 from reports.examples import build_examples
+from reports.headline import build_headline
 from reports.paper import family, paper_section
 from reports.summary import build_comparison, build_summary, task_label
 from reports.tables import fmt
@@ -160,6 +161,7 @@ def context(run_dir: Path, compare: Path | None = None, results_dir: Path | None
         "curves": _curves(run, colour), "encoder_eval": _encoder_eval(run, colour),
         "efficiency": efficiency(family(run, ref) or "ov2", Path(results_dir or collect.RESULTS_DIR)),
         "paper": paper_section(run, summary), "failures": _failures(run), "provenance": _provenance(run),
+        "headline": build_headline(run, {c["task"]: c["label"] for c in summary["columns"]}),
         "controls": controls_section(run, [c["task"] for c in summary["columns"]],
                                      {c["task"]: c["label"] for c in summary["columns"]}),
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "generator": GENERATOR,

@@ -98,6 +98,7 @@ class EncoderEvalSpec:
 @dataclass
 class Experiment:
     name: str = "experiment"
+    question: str = ""  # what the experiment asks; the report's headline answers it
     encoders: dict[str, EncoderSpec] = field(default_factory=dict)  # name -> spec, in the file's order
     pretrain: dict = field(default_factory=dict)  # pretraining config keys for every preset encoder
     bridge: BridgeRecipe = field(default_factory=BridgeRecipe)

@@ -13,16 +13,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bridge.processor import IMAGE_TOKEN, add_image_token, make_processor
+from bridge.processor import IMAGE_TOKEN, add_image_token, chat_template, make_processor, square
 
 
-def assemble(tower, llm: nn.Module, tokenizer, *, pad_to_multiple_of: int = 64, seed: int = 0):
-    """-> (LlavaForConditionalGeneration, LlavaProcessor); the model shares the tower's and LLM's modules."""
+def assemble(tower, llm: nn.Module, tokenizer, *, pad_to_multiple_of: int = 64, seed: int = 0,
+             template: str = "auto", pad_to_square: bool = True):
+    """-> (LlavaForConditionalGeneration, LlavaProcessor); the model shares the tower's and LLM's modules.
+    `template`: the chat template (bridge.processor.chat_template: the LLM's own, or "chatml"); `pad_to_square`:
+    images padded to a square before resizing (LLaVA-1.5), else centre-cropped."""
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     torch.manual_seed(seed)  # the new embedding rows and the projector are random: make them reproducible
-    image_token_id = add_image_token(tokenizer)
+    template = chat_template(tokenizer, template)
+    image_token_id = add_image_token(tokenizer, template)
     if llm.get_input_embeddings().weight.shape[0] <= image_token_id:
         llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
     vision = tower.hf_model()
@@ -57,7 +61,8 @@ def assemble(tower, llm: nn.Module, tokenizer, *, pad_to_multiple_of: int = 64, 
         max_new_tokens=64,
     )
     model.eval()
-    processor = make_processor(tokenizer, tower.image_processor, tower.patch_size, tower.strategy, tower.has_cls)
+    processor = make_processor(tokenizer, square(tower.image_processor, pad_to_square), tower.patch_size,
+                               tower.strategy, tower.has_cls, template)
     if processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != image_token_id:
         raise RuntimeError("processor and model disagree on the <image> token id")
     return model, processor

@@ -175,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         rest, handler = [], {"export": _export, "chat": _chat, "eval": _eval}[args.cmd]
     prog = f"ov2 bridge {args.cmd}"
+    from encoder.data.loader import DataError
+
     try:
         return handler(args, rest)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ConfigError, RunLocked, FileNotFoundError, NotADirectoryError, KeyError, ValueError) as err:
+    except (ConfigError, RunLocked, FileNotFoundError, NotADirectoryError, KeyError, ValueError, DataError) as err:
         return fail(prog, err)
 
 

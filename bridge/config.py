@@ -21,17 +21,25 @@ from ov2.precision import check_bf16
 
 DEFAULT_LR = {1: 1e-3, 2: 2e-5}
 # what a rerun may change: how often a stage saves, how it reports, when it gives up on non-finite losses ...
-RESUME_SAFE = ("ckpt_every", "keep_last", "nan_patience", "progress")
+RESUME_SAFE = ("ckpt_every", "keep_last", "nan_patience", "max_bad_fraction", "progress")
 # ... and, for the whole run, where it is, how much it evaluates and where it trains
 RUN_RESUME_SAFE = (*RESUME_SAFE, "out", "eval_samples", "device")
 RENAMED = {"save_every": "ckpt_every"}  # older key names in saved configs -> today's
 
 
+# what a run saved before these keys existed was trained with (ChatML always, centre-cropped images)
+BEFORE = {"chat_template": "chatml", "pad_to_square": False}
+
+
 def upgrade(tree):
-    """A saved config (stage or run) with older key names renamed to today's (RENAMED), at any depth."""
+    """A saved config (stage or run) with older key names renamed to today's (RENAMED), at any depth, and a run
+    config's keys that came later set to what it was trained with (BEFORE)."""
     if not isinstance(tree, dict):
         return tree
-    return {RENAMED.get(k, k): upgrade(v) for k, v in tree.items()}
+    out = {RENAMED.get(k, k): upgrade(v) for k, v in tree.items()}
+    if "encoder" in out and "stage1" in out:
+        out = {**BEFORE, **out}
+    return out
 
 
 @dataclass
@@ -55,6 +63,7 @@ class LlavaStageConfig:
     ckpt_every: int = 50
     keep_last: int = 2
     nan_patience: int = 5  # stop after this many non-finite steps in a row
+    max_bad_fraction: float = 0.05  # stop when more than this fraction of the records read so far was unusable
     progress: bool = True
 
     def __post_init__(self):
@@ -83,6 +92,8 @@ def validate_stage(cfg: LlavaStageConfig, name: str = "stage") -> LlavaStageConf
     if cfg.lr <= 0 or cfg.vision_lr <= 0 or (cfg.projector_lr is not None and cfg.projector_lr <= 0):
         raise ConfigError(f"{name}.lr, {name}.projector_lr and {name}.vision_lr must be positive, got {cfg.lr}, "
                           f"{cfg.projector_lr} and {cfg.vision_lr}")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        raise ConfigError(f"{name}.max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.weight_decay < 0:
@@ -112,6 +123,8 @@ class BridgeConfig:
     seed: int = 0
     device: str = "auto"  # where the stages train: "auto" (cuda when there is one), "cpu", "cuda", "cuda:1" ...
     blind: bool = False  # the no-vision control: no image reaches the LLM (bridge.assemble.make_blind)
+    chat_template: str = "auto"  # auto: the LLM tokenizer's own (ChatML where it has none); chatml: ChatML always
+    pad_to_square: bool = True  # LLaVA-1.5: pad images to a square with the mean colour; false: centre-crop
 
     @classmethod
     def from_dict(cls, d: dict) -> BridgeConfig:
@@ -125,7 +138,7 @@ class BridgeConfig:
 
 
 # what the model is made of: a resume into the same --out may never change these
-ARCHITECTURE = ("encoder", "llm", "feature_layer", "seed", "blind")
+ARCHITECTURE = ("encoder", "llm", "feature_layer", "seed", "blind", "chat_template", "pad_to_square")
 
 
 def validate(cfg: BridgeConfig) -> BridgeConfig:
@@ -153,6 +166,10 @@ def validate(cfg: BridgeConfig) -> BridgeConfig:
             raise ConfigError(f"stage2_tasks: {unseen} ask only about held-out scenes: they have no train split")
     if cfg.eval_samples < 0:
         raise ConfigError(f"eval_samples must be 0 or more, got {cfg.eval_samples}")
+    from bridge.processor import TEMPLATES
+
+    if cfg.chat_template not in TEMPLATES:
+        raise ConfigError(f"chat_template must be one of {', '.join(TEMPLATES)}, got {cfg.chat_template!r}")
     if not cfg.encoder:
         raise ConfigError("encoder: give a checkpoint or run folder, preset:NAME, or a transformers / open_clip folder")
     if not (cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda")):

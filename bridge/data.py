@@ -28,7 +28,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from benchmarks.evals.suite.prompts import LETTER, SHORT, YESNO
-from bridge.processor import IGNORE, encode_conversation
+from bridge.processor import IGNORE, IMAGE_TOKEN, encode_conversation
+from encoder.data.loader import DataError
 from encoder.data.synth import COLOURS, POSITIONS, SHAPES, Scene, an, is_heldout, make_scene, where
 
 TRAIN_SEED = 2024
@@ -42,7 +43,10 @@ CAPTION_PROMPTS = (
 
 
 class LlavaJsonDataset(Dataset):
-    """LLaVA's `[{"id", "image", "conversations"}]` JSON; image paths are relative to `image_root`."""
+    """LLaVA's `[{"id", "image", "conversations"}]` JSON as LLaVA ships it (llava_v1_5_mix665k.json, the 558k
+    caption set blip_laion_cc_sbu_558k.json): image paths relative to `image_root`; records without "image" are
+    text-only (ShareGPT's in mix665k); a missing or unreadable image gives a record marked {"bad": reason}, which
+    the collator skips and counts (a stage stops past `max_bad_fraction`)."""
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None):
         path = Path(path)
@@ -59,10 +63,17 @@ class LlavaJsonDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
-        image = r.get("image")
-        if image is not None:
-            image = Image.open(self.image_root / image).convert("RGB")
-        return {"id": str(r.get("id", i)), "image": image, "conversations": r["conversations"]}
+        out = {"id": str(r.get("id", i)), "image": None, "conversations": r["conversations"]}
+        if r.get("image") is not None:
+            path = self.image_root / str(r["image"])
+            try:
+                with Image.open(path) as image:
+                    out["image"] = image.convert("RGB")
+            except FileNotFoundError:
+                out["bad"] = "missing_image"
+            except (OSError, ValueError, Image.DecompressionBombError):
+                out["bad"] = "unreadable_image"
+        return out
 
 
 def fashion_scene(seed: int, index: int, size: int):
@@ -304,8 +315,23 @@ class TaskMix(Dataset):
         return self.base[i]
 
 
+def with_image_token(conversations: list[dict]) -> list[dict]:
+    """An image record's turns with `<image>` in the first human turn (LLaVA puts it first where it is missing)."""
+    if any(IMAGE_TOKEN in str(t.get("value", "")) for t in conversations):
+        return conversations
+    first = next((i for i, t in enumerate(conversations) if t.get("from", t.get("role")) in ("human", "user")), None)
+    if first is None:
+        return conversations
+    turns = [dict(t) for t in conversations]
+    turns[first]["value"] = IMAGE_TOKEN + "\n" + str(turns[first].get("value", ""))
+    return turns
+
+
 class Collator:
-    """Records -> padded batch (right padding; labels -100 on prompt, image and pad tokens)."""
+    """Records -> padded batch (right padding; labels -100 on prompt, image and pad tokens). Text-only records
+    (image None) carry no `<image>`; pixel_values [N,3,H,W] holds the N images of the batch in order (None when it
+    has none). Records marked {"bad": reason} are left out and counted: batch["skipped"] = {reason: count},
+    batch["records"] = how many came in."""
 
     def __init__(self, tokenizer, image_processor, num_image_tokens: int, max_len: int = 2048):
         self.tokenizer, self.image_processor = tokenizer, image_processor
@@ -313,8 +339,22 @@ class Collator:
         self.pad_id = tokenizer.pad_token_id
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        enc = [encode_conversation(self.tokenizer, r["conversations"], self.num_image_tokens, self.max_len)
-               for r in records]
+        skipped: dict[str, int] = {}
+        good = []
+        for r in records:
+            reason = r.get("bad")
+            if reason is None and r.get("image") is None and any(
+                    IMAGE_TOKEN in str(t.get("value", "")) for t in r["conversations"]):
+                reason = "image_token_without_image"
+            if reason is None:
+                good.append(r)
+            else:
+                skipped[reason] = skipped.get(reason, 0) + 1
+        if not good:
+            raise DataError(f"a whole batch of {len(records)} records was unusable ({skipped}): check the data")
+        records = good
+        enc = [encode_conversation(self.tokenizer, with_image_token(r["conversations"]) if r.get("image") is not None
+                                   else r["conversations"], self.num_image_tokens, self.max_len) for r in records]
         T = max(len(e["input_ids"]) for e in enc)
         B = len(enc)
         input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)
@@ -323,9 +363,7 @@ class Collator:
         for b, e in enumerate(enc):
             n = len(e["input_ids"])
             input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = e["input_ids"], e["labels"], 1
-        images = [r["image"] for r in records]
-        if any(im is None for im in images):
-            raise ValueError("text-only records are not supported by the LLaVA-1.5 bridge: each record needs an image")
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        images = [r["image"] for r in records if r.get("image") is not None]
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else None
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "pixel_values": pixel_values}
+                "pixel_values": pixel_values, "skipped": skipped, "records": len(records) + sum(skipped.values())}

@@ -87,7 +87,8 @@ def build(cfg: BridgeConfig):
 
     tower = load_tower(cfg.encoder, feature_layer=cfg.feature_layer, seed=cfg.seed)
     llm, tokenizer = load_llm(cfg.llm)
-    model, processor = assemble(tower, llm, tokenizer, seed=cfg.seed)
+    model, processor = assemble(tower, llm, tokenizer, seed=cfg.seed, template=cfg.chat_template,
+                                pad_to_square=cfg.pad_to_square)
     if cfg.blind:
         make_blind(model)
     return model, processor, tower

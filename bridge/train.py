@@ -30,6 +30,7 @@ from tqdm import tqdm
 from bridge.assemble import trainable_groups
 from bridge.config import RESUME_SAFE, LlavaStageConfig, upgrade
 from bridge.loss import AnswerLoss
+from encoder.data.loader import DataError
 from ov2 import checkpoint as core
 from ov2 import distributed as dist
 from ov2 import runfolder
@@ -123,7 +124,7 @@ def train_stage(model, dataset, collate, cfg: LlavaStageConfig, out_dir: str | P
             runfolder.write_config(out_dir, asdict(cfg))
             runfolder.rewrite_metrics(out_dir / "metrics.jsonl", step)
         bf16 = announce(cfg.bf16, device_of(model), run=out_dir if main else None, main=main)
-        state = {"step": 0, "nan_streak": 0, "elapsed": 0.0}
+        state = {"step": 0, "nan_streak": 0, "elapsed": 0.0, "seen": 0, "bad": {}}
         if found:
             load_trainable(model, found[1]["weights"])
             opt.load_state_dict(found[1]["optimizer"])
@@ -157,7 +158,17 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
     def batch(step: int, micro: int) -> dict:  # this rank's share of the global batch
         first = (step * cfg.grad_accum + micro) * cfg.batch_size
         items = collate([dataset[order(first + j)] for j in range(rank, cfg.batch_size, world)])
+        count_skipped(items.pop("records", 0), items.pop("skipped", {}))
         return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in items.items()}
+
+    def count_skipped(records: int, skipped: dict) -> None:  # missing / unreadable images: skipped and counted
+        state["seen"] = state.get("seen", 0) + records
+        bad = state.setdefault("bad", {})
+        for reason, n in skipped.items():
+            bad[reason] = bad.get(reason, 0) + n
+        if state["seen"] >= 64 and sum(bad.values()) > cfg.max_bad_fraction * state["seen"]:
+            raise DataError(f"{sum(bad.values())} of {state['seen']} records were unusable ({bad}), more than "
+                            f"stage{cfg.stage}.max_bad_fraction={cfg.max_bad_fraction}: check the data")
 
     def loss(inputs: dict) -> dict:
         out = loss_fn(model, inputs)
@@ -204,6 +215,7 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
     bar.close()
     model.eval()
     summary = {"stage": cfg.stage, "steps": saved["step"], "final_loss": last.get("loss"),
+               "records": state.get("seen", 0), "skipped": dict(state.get("bad", {})),
                "seconds": round(time.time() - t0, 2), "peak_rss_mb": runfolder.peak_rss_mb()}
     if saved["step"] >= cfg.steps and dist.is_main():
         save_file(trainable_state(model), str(out_dir / "final.safetensors"))

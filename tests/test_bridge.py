@@ -158,7 +158,7 @@ def test_chat_template_and_answer_labels(tokenizer):
             {"from": "human", "value": "And the circle?"}, {"from": "gpt", "value": "blue"}]
     messages = to_messages(conv)
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert "".join(s for s, _ in render_segments(messages)) == rendered
+    assert "".join(s for s, _ in render_segments(tokenizer, messages)) == rendered
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the star?"}]}]
     assert tokenizer.apply_chat_template(parts, tokenize=False) == tokenizer.apply_chat_template(
         [{"role": "user", "content": "<image>\nWhat colour is the star?"}], tokenize=False)

@@ -109,7 +109,8 @@ class BridgeConfig:
     feature_layer: int = -2
     stage1_data: str = "synth"
     stage2_data: str = "synth"
-    image_root: str | None = None
+    image_root: str | None = None  # images of the stage-2 JSON (LLaVA: ./playground/data), and of stage 1's unless
+    stage1_image_root: str | None = None  # ... this is set (LLaVA: ./playground/data/LLaVA-Pretrain/images)
     stage1_samples: int = 4000  # built-in data size (each record is generated from (seed, index))
     stage2_samples: int = 8000
     synth_kinds: str = "shapes,text,chart"  # built-in scene kinds (comma-separated)

@@ -70,25 +70,47 @@ def smollm2_folder() -> Path:
     return out
 
 
-def resolve_llm(name_or_path: str) -> Path:
+def is_hub_id(name: str) -> bool:
+    """`org/name` (a Hugging Face Hub id such as lmsys/vicuna-7b-v1.5) that is not a local path."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(name).exists()
+
+
+def resolve_llm(name_or_path: str) -> Path | str:
+    """A known name (SmolLM2), a local transformers folder, or a Hub id (returned as is: `from_pretrained` resolves
+    it, from the local Hugging Face cache when offline)."""
     if name_or_path.lower() in ALIASES:
         return smollm2_folder()
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"LLM {name_or_path!r} is neither a known name ({', '.join(sorted(ALIASES))}) nor a local folder "
-            "with config.json (nothing is downloaded)"
-        )
-    return path
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    if is_hub_id(name_or_path):
+        return name_or_path
+    raise FileNotFoundError(
+        f"LLM {name_or_path!r} is neither a known name ({', '.join(sorted(ALIASES))}), a local folder with "
+        "config.json, nor a Hub id (org/name)"
+    )
+
+
+def _hub(load, source, name: str):
+    """`load(source)`, where a Hub id that cannot be had (offline and not cached, or no such repository) is one
+    FileNotFoundError naming it rather than the Hub client's traceback."""
+    try:
+        return load(source)
+    except OSError as err:
+        if isinstance(source, str) and is_hub_id(source):
+            raise FileNotFoundError(f"LLM {name!r}: not in the local Hugging Face cache and not downloadable here "
+                                    f"({str(err).splitlines()[0][:160]})") from None
+        raise
 
 
 def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """-> (causal LM, tokenizer) from a name in ALIASES or a local transformers folder."""
+    """-> (causal LM, tokenizer) from a name in ALIASES, a local transformers folder or a Hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_llm(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    source = resolve_llm(name_or_path)
+    tokenizer = _hub(AutoTokenizer.from_pretrained, source, name_or_path)
+    model = _hub(lambda s: AutoModelForCausalLM.from_pretrained(s, dtype=dtype), source, name_or_path)
     return model, tokenizer
 
 
@@ -101,7 +123,7 @@ def load_tokenizer(name_or_path: str):
         if (cached / "tokenizer.json").is_file():
             return AutoTokenizer.from_pretrained(cached)
         return AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
-    return AutoTokenizer.from_pretrained(resolve_llm(name_or_path))
+    return _hub(AutoTokenizer.from_pretrained, resolve_llm(name_or_path), name_or_path)
 
 
 def tiny_llama(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,

@@ -97,17 +97,19 @@ def build(cfg: BridgeConfig):
 def datasets(cfg: BridgeConfig, image_size: int):
     from bridge.data import LlavaJsonDataset, SynthCaptions, SynthInstructions, TaskMix
 
-    def pick(spec: str, synth):
-        return synth if spec == "synth" else LlavaJsonDataset(spec, cfg.image_root)
+    def pick(spec: str, synth, root: str | None):
+        return synth if spec == "synth" else LlavaJsonDataset(spec, root)
 
     kinds = tuple(k for k in cfg.synth_kinds.split(",") if k)
     types = tuple(t for t in cfg.stage2_types.split(",") if t) or None
     stage2 = pick(cfg.stage2_data, SynthInstructions(cfg.stage2_samples, image_size=image_size, kinds=kinds,
-                                                     types=types, turns=cfg.stage2_turns))
+                                                     types=types, turns=cfg.stage2_turns), cfg.image_root)
     tasks = tuple(t for t in cfg.stage2_tasks.split(",") if t)
     if tasks:
         stage2 = TaskMix(stage2, tasks, cfg.stage2_task_share, image_size=image_size)
-    return pick(cfg.stage1_data, SynthCaptions(cfg.stage1_samples, image_size=image_size, kinds=kinds)), stage2
+    stage1 = pick(cfg.stage1_data, SynthCaptions(cfg.stage1_samples, image_size=image_size, kinds=kinds),
+                  cfg.stage1_image_root or cfg.image_root)
+    return stage1, stage2
 
 
 def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:

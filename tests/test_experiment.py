@@ -78,3 +78,35 @@ def test_flatten_nested_and_dotted_keys():
         "model.vit.width": 64, "stages.0.steps": 3}
     with pytest.raises(ConfigError, match="stages: give list items"):
         flatten({"stages": [{"steps": 3}]})
+
+
+def test_the_papers_llava15_experiment_plans_every_stage_with_the_papers_settings(tmp_path):
+    """benchmarks/runner/experiments/llava15_paper.yaml, its /data paths pointed at folders of the right kind."""
+    text = open(os.path.join(ROOT, "benchmarks/runner/experiments/llava15_paper.yaml")).read()
+    data = tmp_path / "data"
+    tree = yaml.safe_load(text.replace("/data/", f"{data}/"))
+    for spec in tree["encoders"].values():
+        (kind, folder), = spec.items()
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / ("open_clip_config.json" if kind == "openvision" else "config.json")).write_text("{}")
+    Path(tree["bridge"]["llm"]).mkdir(parents=True)
+    (Path(tree["bridge"]["llm"]) / "config.json").write_text("{}")
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    res = run_inprocess("run", str(tmp_path / "paper.yaml"), "--out", str(tmp_path / "run"), "--dry-run")
+    assert res.returncode == 0, res.stderr
+    plan = res.stdout
+    for name in tree["encoders"]:
+        assert f"{name}/bridge" in plan and f"{name}/eval" in plan and f"{name}/pretrain" not in plan
+    for setting in ("--stage1.steps=2181", "--stage1.batch_size=256", "--stage1.lr=0.001", "--stage2.steps=5198",
+                    "--stage2.batch_size=128", "--stage2.lr=2e-05", "--stage1.warmup_ratio=0.03",
+                    "--chat_template=auto", "--pad_to_square=true", "--feature_layer=-2", "--nproc_per_node=8",
+                    f"--stage2_data={data}/llava/llava_v1_5_mix665k.json",
+                    f"--stage1_image_root={data}/llava/LLaVA-Pretrain/images",
+                    "textvqa_val,chartqa,ocrbench,mme,seedbench,scienceqa_img,gqa,pope"):
+        assert setting in plan, setting
+    assert "blind" not in plan and "random-init" not in plan
+    hub = yaml.safe_load((tmp_path / "paper.yaml").read_text())
+    hub["bridge"]["llm"] = "lmsys/vicuna-7b-v1.5"  # a Hub id plans as well (from_pretrained resolves it)
+    (tmp_path / "hub.yaml").write_text(yaml.safe_dump(hub, sort_keys=False))
+    res = run_inprocess("run", str(tmp_path / "hub.yaml"), "--out", str(tmp_path / "run"), "--dry-run")
+    assert res.returncode == 0 and "--llm lmsys/vicuna-7b-v1.5" in res.stdout, res.stderr

@@ -161,12 +161,12 @@ def check_inputs(exp: Experiment) -> None:
         wanted = SOURCE_FILES[enc.source]
         if not any((path / name).exists() for name in wanted):
             raise ConfigError(f"{where}: {path} holds no {' or '.join(wanted)} (not a {enc.source} folder)")
-    from bridge.llm import ALIASES
+    from bridge.llm import ALIASES, is_hub_id
 
     llm = exp.bridge.llm
-    if llm.lower() not in ALIASES and not (Path(llm).expanduser() / "config.json").is_file():
-        raise ConfigError(f"bridge.llm: {llm!r} is neither a known name ({', '.join(sorted(ALIASES))}) nor a "
-                          "local transformers folder with config.json")
+    if llm.lower() not in ALIASES and not (Path(llm).expanduser() / "config.json").is_file() and not is_hub_id(llm):
+        raise ConfigError(f"bridge.llm: {llm!r} is neither a known name ({', '.join(sorted(ALIASES))}), a local "
+                          "transformers folder with config.json, nor a Hub id (org/name)")
     from benchmarks.evals.suite.tasks import TASKS
 
     unknown = [t for t in exp.eval.tasks if t not in TASKS and t not in lmms_eval_task_names()]

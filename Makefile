@@ -4,6 +4,8 @@
 #   make quick  the same experiment as a few-minute smoke run -> runs/default-quick/report/index.html
 #   make test   creates .venv if needed, runs the whole test suite as CI does (CPU; prints the slowest tests)
 #   make test-fast   the same without the tests marked `slow` (learning runs, multi-process trainings): for iteration
+#   make gpu-check   on a CUDA machine: Triton kernels, paper-shape benchmarks, ov2-l14 steps, a bridge + eval on the
+#               GPU (< 10 min on one H100/H200) -> benchmarks/results/gpu_check/; on a CPU it lists what it skipped
 # A second run reinstalls nothing: .venv/.installed records the install.
 
 PYTHON ?= python3
@@ -14,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo quick test test-fast install lint clean
+.PHONY: demo quick test test-fast gpu-check install lint clean
 
 install: $(STAMP)
 
@@ -39,6 +41,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -m "not slow" tests
+
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.bench.gpu_check --out benchmarks/results/gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check encoder bridge benchmarks reports ov2 tests

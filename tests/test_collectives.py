@@ -280,3 +280,4 @@ def test_helpers_on_a_one_process_gloo_group(tmp_path):
     finally:
         torch_dist.destroy_process_group()
     assert dist.comm_device() == torch.device("cpu") and dist.any_rank(True)  # no group: the one-process case
+

@@ -201,3 +201,25 @@ def test_an_empty_answer_is_a_wrong_answer_not_a_failed_task():
     empty = [r for r in _eval_rows(scores) if r["metric"] == "empty_answers"]
     assert empty == [{"task": "ov2_gqa", "metric": "empty_answers", "value": 0.5, "stderr": pytest.approx(float("nan"),
                       nan_ok=True), "n": 4, "chance": pytest.approx(float("nan"), nan_ok=True), "primary": False}]
+
+
+def test_one_pass_option_scores_equal_one_pass_per_option(evaluated):
+    """options_nll: one-token options from the prompt's one forward pass, longer ones from their own; each equal to
+    option_nll's pass over prompt + option (the same numbers, to float tolerance scaled to their size)."""
+    import datasets
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from benchmarks.evals.evaluate import chat_prompt, option_nll, options_nll
+
+    root, _ = evaluated
+    model = LlavaForConditionalGeneration.from_pretrained(root / "model").eval()
+    processor = AutoProcessor.from_pretrained(root / "model")
+    doc = datasets.load_from_disk(str(root / "data" / "ov2_seed"))["test"][0]
+    prompt = chat_prompt(processor, doc["question"], 1)
+    images = [doc["image"].convert("RGB")]
+    options = ["A", "B", "Yes", "a blue circle"]
+    fast = options_nll(model, processor, prompt, options, images)
+    slow = [option_nll(model, processor, prompt, o, images) for o in options]
+    scale = max(abs(n) for n, _ in slow)
+    assert [n for n, _ in fast] == pytest.approx([n for n, _ in slow], abs=1e-4 * scale)
+    assert [g for _, g in fast] == [g for _, g in slow]

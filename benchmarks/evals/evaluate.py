@@ -15,8 +15,9 @@ does not exit 0), so one failing task (missing data, an lmms-eval ERROR) leaves 
 is a wrong answer: scored 0 and counted (`empty` in scores.json), never a failed task.
 
 Built-in tasks whose answer is one of a few options (letters, Yes/No: TaskSpec.output_type "multiple_choice") are
-scored by likelihood: one forward pass per option (`option_nll`, in `llava_hf_class`'s `loglikelihood`), the
-likeliest option is the answer (the sample's `prediction`). Open answers are generated (greedy, 8 new tokens).
+scored by likelihood: one forward pass per question for one-token options, one per option otherwise
+(`options_nll`, `option_nll`, in `llava_hf_class`'s `loglikelihood`); the likeliest option is the answer (the
+sample's `prediction`). Open answers are generated (greedy, 8 new tokens).
 
 OUT/scores.json         {"model", "data_dir", "tasks": {task: {"status", "error", "primary", "metrics": {m: {"value",
                         "stderr"}}, "n", "chance", "wall_s"}}}
@@ -128,14 +129,22 @@ def llava_hf_class():
 
     class LlavaHF(base):
         def loglikelihood(self, requests):
-            out = []
-            for context, continuation, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            groups: dict[tuple, list[tuple[int, str]]] = {}  # one question's options, scored together
+            visuals = {}
+            for i, (context, continuation, doc_to_visual, doc_id, task, split) in enumerate(r.args for r in requests):
                 doc = self.task_dict[task][split][doc_id]
                 if not isinstance(continuation, str):  # output_type loglikelihood: the task's doc_to_target
                     continuation = continuation(doc)
-                images = self.flatten([doc_to_visual(doc)])
+                key = (task, split, doc_id, context)
+                groups.setdefault(key, []).append((i, continuation))
+                visuals[key] = doc_to_visual
+            out: list = [None] * len(requests)
+            for (task, split, doc_id, context), options in groups.items():
+                images = self.flatten([visuals[(task, split, doc_id, context)](self.task_dict[task][split][doc_id])])
                 prompt = chat_prompt(self._image_processor, context, len(images))
-                out.append(option_nll(self.model, self._image_processor, prompt, continuation, images))
+                scores = options_nll(self.model, self._image_processor, prompt, [o for _, o in options], images)
+                for (i, _), score in zip(options, scores):
+                    out[i] = score
             return out
 
     LlavaHF.__name__ = LlavaHF.__qualname__ = base.__name__
@@ -169,6 +178,29 @@ def option_nll(model, processor, prompt: str, option: str, images: list) -> tupl
     target = ids[n:]
     nll = -logits.log_softmax(-1).gather(1, target[:, None]).sum()
     return float(nll), bool((logits.argmax(-1) == target).all())
+
+
+def options_nll(model, processor, prompt: str, options: list[str], images: list) -> list[tuple[float, bool]]:
+    """option_nll for each option; the options that are one token after the prompt (a letter, Yes / No) all come
+    from one forward pass over the prompt (its last position's distribution is what a pass over prompt + option
+    gives for that token), the others from a pass each."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    base = tokenizer.encode(prompt, add_special_tokens=False)
+    single = {}
+    for option in options:
+        ids = tokenizer.encode(prompt + option, add_special_tokens=False)
+        if len(ids) == len(base) + 1 and ids[:-1] == base:
+            single[option] = ids[-1]
+    if single:
+        kwargs = {"images": images} if images else {}
+        inputs = processor(text=prompt, return_tensors="pt", **kwargs).to(model.device, model.dtype)
+        with torch.inference_mode():
+            last = model(**inputs).logits[0, -1].float().cpu().log_softmax(-1)
+        best = int(last.argmax())
+    return [(float(-last[single[o]]), best == single[o]) if o in single
+            else option_nll(model, processor, prompt, o, images) for o in options]
 
 
 def quiet_lmms_eval() -> None:

@@ -51,7 +51,8 @@ def _model(encoder: str, llm: str, option: dict):
     return model, processor, tower, datasets(cfg, tower.image_size)[1]
 
 
-def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progress: bool = True) -> tuple[list, dict]:
+def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progress: bool = True,
+            names: tuple[str, ...] = tuple(OPTIONS)) -> tuple[list, dict]:
     import torch
 
     from bridge.assemble import trainable_groups
@@ -61,7 +62,7 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
 
     bf16, why = resolve_bf16("auto", "cpu")
     models = {}
-    for name, option in OPTIONS.items():
+    for name, option in ((n, OPTIONS[n]) for n in names):
         model, processor, tower, data = _model(encoder, llm, option)
         collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
         groups = trainable_groups(model, stage=2)
@@ -69,7 +70,7 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
         models[name] = (model.train(), torch.optim.AdamW(params, lr=1e-7), sum(p.numel() for p in params))
     fixed = collate([data[i] for i in range(batch)])
     loss_fn = AnswerLoss()
-    times: dict[str, list[float]] = {name: [] for name in [*OPTIONS, "tower"]}
+    times: dict[str, list[float]] = {name: [] for name in [*names, "tower"]}
     for r in range(repeats + 1):  # round 0 warms every option up (optimizer state allocated, not timed)
         for name, (model, opt, _) in models.items():
             for _ in range(steps):
@@ -80,7 +81,7 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
                 opt.zero_grad(set_to_none=True)
                 if r:
                     times[name].append(time.perf_counter() - start)
-        model = models["full"][0]
+        model = next(iter(models.values()))[0]
         for _ in range(steps):  # the frozen tower alone, as a training step runs it (no gradient)
             start = time.perf_counter()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -89,14 +90,15 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
                 times["tower"].append(time.perf_counter() - start)
         if progress:
             print(f"round {r}/{repeats} done", file=sys.stderr)
-    full = statistics.median(times["full"])
+    full = statistics.median(times[names[0]])
     rows = [{"option": name, "median_s": statistics.median(ts), "min_s": min(ts), "n": len(ts),
              "ratio_to_full": statistics.median(ts) / full,
              "trainable_params": models[name][2] if name in models else 0} for name, ts in times.items()]
     return rows, {"bf16": bf16, "precision_reason": why, "tokens": int(fixed["attention_mask"].sum())}
 
 
-def held_in_accuracy(encoder: str, work: Path, limit: int, progress: bool = True) -> dict[str, dict]:
+def held_in_accuracy(encoder: str, work: Path, limit: int, progress: bool = True,
+                     names: tuple[str, ...] = tuple(OPTIONS)) -> dict[str, dict]:
     """{option: {task: {value, stderr, n}}} after the default experiment's bridge recipe plus each option."""
     import yaml
 
@@ -106,7 +108,7 @@ def held_in_accuracy(encoder: str, work: Path, limit: int, progress: bool = True
     exp = from_dict(yaml.safe_load(DEFAULT_EXPERIMENT.read_text()))
     tasks = exp.bridge.overrides.get("stage2_tasks", "")
     out = {}
-    for name, option in OPTIONS.items():
+    for name, option in ((n, OPTIONS[n]) for n in names):
         folder = work / name
         args = {**bridge_overrides(exp, encoder, folder / "bridge"), **option}
         if not (folder / "eval" / "scores.json").is_file():  # a finished option is not run again
@@ -127,7 +129,7 @@ def table(rows: list[dict], accuracy: dict | None, meta: dict) -> str:
              f"`{meta['command']}` on {meta['machine']} (CPU flags: {meta['flags']}; torch CPU capability "
              f"{meta['capability']}; {meta['threads']} threads; precision: {meta['precision']}, "
              f"{meta['tokens']} tokens per batch).", "",
-             "| option | median s/step | min s/step | steps | ratio to full | trainable params |",
+             f"| option | median s/step | min s/step | steps | ratio to {rows[0]['option']} | trainable params |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         label = "tower forward only (caching bound)" if r["option"] == "tower" else r["option"]
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the default experiment's)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per option per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds (after one warm-up round)")
+    parser.add_argument("--options", default=",".join(OPTIONS),
+                        help=f"comma list of {', '.join(OPTIONS)} (default all; the first is the ratios' base)")
     parser.add_argument("--accuracy", action="store_true", help="also train and evaluate each option (minutes each)")
     parser.add_argument("--work", default="runs/bridge-options", help="where --accuracy trains (resumable)")
     parser.add_argument("--limit", type=int, default=100, help="questions per held-in task (--accuracy)")
@@ -163,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     prog = "ov2 bench bridge-options"
     if min(args.batch, args.steps, args.repeats, args.limit) < 1:
         return fail(prog, "--batch, --steps, --repeats and --limit must be at least 1")
+    names = tuple(o for o in args.options.split(",") if o)
+    if not names or set(names) - set(OPTIONS):
+        return fail(prog, f"--options: choose from {', '.join(OPTIONS)}, got {args.options!r}")
     try:
         check_writable(str(out.parent), out.name, args.force, ("json", "md"))
     except OutputExists as err:
@@ -172,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     from ov2.config import ConfigError
 
     try:
-        rows, info = measure(args.encoder, args.llm, args.batch, args.steps, args.repeats)
-        accuracy = held_in_accuracy(args.encoder, Path(args.work), args.limit) if args.accuracy else None
+        rows, info = measure(args.encoder, args.llm, args.batch, args.steps, args.repeats, names=names)
+        accuracy = held_in_accuracy(args.encoder, Path(args.work), args.limit, names=names) if args.accuracy \
+            else None
     except (ConfigError, FileNotFoundError) as err:
         return fail(prog, err)
     except subprocess.CalledProcessError as err:

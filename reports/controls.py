@@ -64,7 +64,10 @@ def _sentence(encoders, controls, blind, rows, cleared, diffs, labels) -> str:
             listed = f" ({', '.join(names)})" if names else ""
             parts.append(f"{enc} beats blind on {len(names)} of {n} tasks{listed}")
         quiet = [r["label"] for r in rows if r["no_vision"]]
-        if quiet:
+        if quiet and len(quiet) == n:
+            parts.append(f"no encoder clears blind on any of the {n} tasks: at this budget the LLM does not use the "
+                         f"image, so these numbers cannot rank the encoders")
+        elif quiet:
             parts.append(f"no encoder clears blind on {', '.join(quiet)}: at this scale these do not need vision")
     init = next((c for c in controls if control_of(c) == "random-init"), None)
     if init is not None:

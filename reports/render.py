@@ -166,6 +166,10 @@ def context(run_dir: Path, compare: Path | None = None, results_dir: Path | None
                                      {c["task"]: c["label"] for c in summary["columns"]}),
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "generator": GENERATOR,
     }
+    head, controls = ctx["headline"], ctx["controls"]
+    if head and controls and any(r["no_vision"] for r in controls["rows"]) and not controls["needs_vision"]:
+        head["answer"] = ("Not at this budget: no encoder beats the blind control on any task (the LLM does not use "
+                          "the image), so the differences below are noise, not a ranking. " + head["answer"])
     if compare is not None:
         other = collect.load_run(compare)
         ctx["compare"] = build_comparison(run, other)

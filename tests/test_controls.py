@@ -127,3 +127,12 @@ def test_every_experiment_plans_its_controls_unless_told_not_to(tmp_path):
         from_dict({**tree, "controls": ["blind", "nothing"]})
     with pytest.raises(Exception, match="blind: set by the runner"):
         build_plan(from_dict({**tree, "bridge": {"overrides": {"blind": True}}}), tmp_path)
+
+
+def test_when_no_encoder_clears_blind_anywhere_the_report_says_the_numbers_cannot_rank(tmp_path):
+    from reports.controls import _sentence
+
+    rows = [{"label": "GQA", "no_vision": True}, {"label": "POPE", "no_vision": True}]
+    text = _sentence(["ov2"], ["blind"], "blind", rows, {"ov2": []}, {}, {})
+    assert "no encoder clears blind on any of the 2 tasks" in text and "cannot rank the encoders" in text
+    assert "do not need vision" not in text

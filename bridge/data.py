@@ -315,9 +315,13 @@ class TaskMix(Dataset):
         return self.base[i]
 
 
+def has_image_token(conversations: list[dict]) -> bool:
+    return any(IMAGE_TOKEN in str(t.get("value", "")) for t in conversations)
+
+
 def with_image_token(conversations: list[dict]) -> list[dict]:
     """An image record's turns with `<image>` in the first human turn (LLaVA puts it first where it is missing)."""
-    if any(IMAGE_TOKEN in str(t.get("value", "")) for t in conversations):
+    if has_image_token(conversations):
         return conversations
     first = next((i for i, t in enumerate(conversations) if t.get("from", t.get("role")) in ("human", "user")), None)
     if first is None:
@@ -343,8 +347,7 @@ class Collator:
         good = []
         for r in records:
             reason = r.get("bad")
-            if reason is None and r.get("image") is None and any(
-                    IMAGE_TOKEN in str(t.get("value", "")) for t in r["conversations"]):
+            if reason is None and r.get("image") is None and has_image_token(r["conversations"]):
                 reason = "image_token_without_image"
             if reason is None:
                 good.append(r)

@@ -52,6 +52,7 @@ def controls_section(run: dict, tasks: list[str], labels: dict[str, str]) -> dic
     header = [(enc, control) for enc in encoders for control in controls]
     return {"controls": controls, "encoders": encoders, "header": header, "rows": rows,
             "needs_vision": needs_vision, "cleared": cleared,
+            "none_clear": blind is not None and bool(rows) and not needs_vision,  # the numbers cannot rank
             "sentence": _sentence(encoders, controls, blind, rows, cleared, diffs, labels)}
 
 

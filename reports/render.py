@@ -167,7 +167,7 @@ def context(run_dir: Path, compare: Path | None = None, results_dir: Path | None
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "generator": GENERATOR,
     }
     head, controls = ctx["headline"], ctx["controls"]
-    if head and controls and any(r["no_vision"] for r in controls["rows"]) and not controls["needs_vision"]:
+    if head and controls and controls["none_clear"]:
         head["answer"] = ("Not at this budget: no encoder beats the blind control on any task (the LLM does not use "
                           "the image), so the differences below are noise, not a ranking. " + head["answer"])
     if compare is not None:

@@ -18,9 +18,7 @@ Writes NAME.md and NAME.json (default benchmarks/results/bridge_options_cpu), ne
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -28,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench.bridge_step import cpu_flags
-from benchmarks.bench.results import RESULTS, OutputExists, check_writable, write_results
-from ov2.cli import ArgumentParser, fail
+from benchmarks.bench.bridge_step import bench_parser, cpu_flags, timed_step
+from benchmarks.bench.results import OutputExists, check_writable, write_results
+from ov2.cli import fail
 
 OPTIONS = {"full": {}, "lora-r16": {"stage2.lora_r": 16, "stage2.lr": 2e-4},
            "lora-r128": {"stage2.lora_r": 128, "stage2.lr": 2e-4}}
@@ -40,10 +38,9 @@ DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[1] / "runner" / "experimen
 def _model(encoder: str, llm: str, option: dict):
     from bridge.config import BridgeConfig
     from bridge.lora import add_lora
-
-    cfg = BridgeConfig(encoder=encoder, llm=llm, out="unused")
     from bridge.pipeline import build, datasets
 
+    cfg = BridgeConfig(encoder=encoder, llm=llm, out="unused")
     model, processor, tower = build(cfg)
     if option.get("stage2.lora_r"):
         r = option["stage2.lora_r"]
@@ -74,13 +71,9 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
     for r in range(repeats + 1):  # round 0 warms every option up (optimizer state allocated, not timed)
         for name, (model, opt, _) in models.items():
             for _ in range(steps):
-                start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss_fn(model, fixed)["lm_loss"].backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                seconds = timed_step(model, opt, loss_fn, fixed, bf16)
                 if r:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(seconds)
         model = next(iter(models.values()))[0]
         for _ in range(steps):  # the frozen tower alone, as a training step runs it (no gradient)
             start = time.perf_counter()
@@ -146,22 +139,12 @@ def table(rows: list[dict], accuracy: dict | None, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="ov2 bench bridge-options", description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--encoder", default="preset:ov2-tiny", help="any bridge encoder (default preset:ov2-tiny)")
-    parser.add_argument("--llm", default="smollm2", help="the LLM (default smollm2)")
-    parser.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the default experiment's)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per option per round")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds (after one warm-up round)")
+    parser = bench_parser("ov2 bench bridge-options", __doc__, "bridge_options_cpu", "option")
     parser.add_argument("--options", default=",".join(OPTIONS),
                         help=f"comma list of {', '.join(OPTIONS)} (default all; the first is the ratios' base)")
     parser.add_argument("--accuracy", action="store_true", help="also train and evaluate each option (minutes each)")
     parser.add_argument("--work", default="runs/bridge-options", help="where --accuracy trains (resumable)")
     parser.add_argument("--limit", type=int, default=100, help="questions per held-in task (--accuracy)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "bridge_options_cpu"),
-                        help="NAME: writes NAME.md, NAME.json")
-    parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
     prog = "ov2 bench bridge-options"

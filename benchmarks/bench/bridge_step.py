@@ -34,6 +34,34 @@ def cpu_flags() -> str:
     return " ".join(have) or "no avx512"
 
 
+def timed_step(model, opt, loss_fn, batch: dict, bf16: bool) -> float:
+    """Seconds of one full optimizer step (forward, answer loss, backward, AdamW) under CPU bf16 autocast or not."""
+    import torch
+
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = loss_fn(model, batch)
+    out["lm_loss"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def bench_parser(prog: str, doc: str, out: str, unit: str) -> ArgumentParser:
+    """The options every bridge benchmark takes (encoder, LLM, batch, steps, rounds, --out NAME, --force)."""
+    parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="\n\n".join(doc.split("\n\n")[1:]))
+    parser.add_argument("--encoder", default="preset:ov2-tiny", help="any bridge encoder (default preset:ov2-tiny)")
+    parser.add_argument("--llm", default="smollm2", help="the LLM (default smollm2)")
+    parser.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the default experiment's)")
+    parser.add_argument("--steps", type=int, default=2, help=f"timed steps per {unit} per round")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (after one warm-up round)")
+    parser.add_argument("--out", default=os.path.join(RESULTS, out), help="NAME: writes NAME.md, NAME.json")
+    parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
+    return parser
+
+
 def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progress: bool = True) -> list[dict]:
     import torch
 
@@ -59,14 +87,9 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
                 optimizers[stage] = torch.optim.AdamW([p for ps in groups.values() for p in ps], lr=1e-6)
             opt = optimizers[stage]
             for _ in range(steps):
-                start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    out = loss_fn(model, batches[stage])
-                out["lm_loss"].backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                seconds = timed_step(model, opt, loss_fn, batches[stage], bf16)
                 if r:
-                    times[(stage, bf16)].append(time.perf_counter() - start)
+                    times[(stage, bf16)].append(seconds)
             if progress:
                 print(f"round {r}/{repeats}: stage {stage} {'bf16' if bf16 else 'fp32'} done", file=sys.stderr)
     rows = []
@@ -90,18 +113,7 @@ def table(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="ov2 bench bridge", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--encoder", default="preset:ov2-tiny", help="any bridge encoder (default preset:ov2-tiny)")
-    parser.add_argument("--llm", default="smollm2", help="the LLM (default smollm2)")
-    parser.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the default experiment's)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds (after one warm-up round)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "bridge_step_cpu"),
-                        help="NAME: writes NAME.md, NAME.json")
-    parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
-    args = parser.parse_args(argv)
+    args = bench_parser("ov2 bench bridge", __doc__, "bridge_step_cpu", "variant").parse_args(argv)
     out = Path(args.out)
     prog = "ov2 bench bridge"
     if min(args.batch, args.steps, args.repeats) < 1:

@@ -32,7 +32,7 @@ from ov2.cli import ArgumentParser, fail
 PY = [sys.executable]
 
 
-def _checks(out: Path, cuda: bool) -> list[dict]:
+def _checks(out: Path) -> list[dict]:
     """name, command, seconds allowed, whether it needs CUDA."""
     work = out / "work"
     ov2 = [*PY, "-m", "ov2"]
@@ -85,7 +85,7 @@ def run_checks(out: Path, only: list[str] | None = None) -> list[dict]:
     cuda = torch.cuda.is_available()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for check in _checks(out, cuda):
+    for check in _checks(out):
         name = check["name"]
         if only and name not in only:
             continue
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     only = [c for c in args.only.split(",") if c]
-    known = [c["name"] for c in _checks(Path(args.out), False)]
+    known = [c["name"] for c in _checks(Path(args.out))]
     if set(only) - set(known):
         return fail("gpu-check", f"unknown checks {sorted(set(only) - set(known))}; choose from {', '.join(known)}")
     rows = run_checks(Path(args.out), only)

@@ -58,13 +58,14 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 
 def save_checkpoint(run_dir: str, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict) -> str:
+                    state: dict, local: dict | None = None) -> str:
     """Collective under torchrun (every rank calls it): the full state dicts, gathered from every rank, saved by the
-    one checkpoint scheme of `ov2.checkpoint`."""
+    one checkpoint scheme of `ov2.checkpoint`; `local` is what each rank keeps of its own (a shard stream's
+    cursors)."""
     weights = get_model_state_dict(model, options=_FULL)
     optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
     return str(core.save(run_dir, state["step"], weights=weights, optimizer=optim_state, config=to_dict(cfg),
-                         state=state, keep_last=cfg.keep_last))
+                         state=state, keep_last=cfg.keep_last, local=local))
 
 
 def restore(bundle: dict, model: nn.Module) -> dict:

@@ -20,7 +20,6 @@ interrupted, and config.yaml, metrics.jsonl and checkpoints/ are written.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import torch
@@ -40,6 +39,8 @@ from encoder.config import (
 )
 from encoder.data.loader import DataError, make_loader
 from encoder.data.sources import open_source
+from encoder.data.stream import StreamError, advance, check_layout
+from encoder.data.stream import layout as stream_layout
 from encoder.models import build_losses, build_model, text_inputs
 from ov2 import checkpoint as core
 from ov2 import distributed as dist
@@ -95,7 +96,7 @@ def _stage_bounds(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 def _model_inputs(batch: dict, device: torch.device) -> dict:
     """Every batch entry but the counters, tensors moved to the device; models take what they need (**kwargs)."""
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k not in ("seen", "bad")}
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k not in ("seen", "bad", "stream")}
 
 
 def _check_weights(bundle: dict, module: nn.Module, path: str) -> None:
@@ -134,8 +135,11 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1000 + dist.rank() + 1)  # token dropping differs between ranks
         self.state = {"step": 0, "position": 0, "nan_streak": 0, "seen": 0, "bad": {}, "elapsed": 0.0}
         source = open_source(cfg.data, render_size=max(s.image_size for s in cfg.stages))
-        self.bad_shards = len(getattr(source, "bad_shards", ()))
         self.source = source.split(dist.rank(), dist.world_size())
+        self.streaming = getattr(self.source, "streaming", False)  # shards: per-rank cursors (encoder.data.stream)
+        self.stream: dict = {"batches": 0, "workers": {}}
+        if self.streaming and self.bundle is not None:
+            self.stream = _stream_position(self.bundle, stream_layout(self.source, cfg.data.workers))
         self.empty_tries = 0
         self.metrics: runfolder.MetricsLog | None = None
 
@@ -145,7 +149,7 @@ class Trainer:
         self.state["seen"] += batch["seen"]
         for reason, n in batch["bad"].items():
             self.state["bad"][reason] = self.state["bad"].get(reason, 0) + n
-        n_bad = sum(self.state["bad"].values())
+        n_bad = _unusable(self.state["bad"])
         limit = self.cfg.data.max_bad_fraction
         if self.state["seen"] >= 64 and n_bad > limit * self.state["seen"]:
             raise DataError(
@@ -156,15 +160,25 @@ class Trainer:
     def _next_batch(self, it, batch_size: int) -> dict:
         while True:  # a batch with no usable sample is skipped (it is still counted)
             batch = next(it)
-            self.state["position"] += batch_size
+            if self.streaming:
+                advance(self.stream, batch)
+            else:
+                self.state["position"] += batch_size
             self._count(batch)
             if "pixels" in batch:
                 self.empty_tries = 0
                 return batch
             self.empty_tries += batch["seen"]
-            if self.empty_tries >= MAX_EMPTY_TRIES or self.empty_tries >= 2 * len(self.source) + batch_size:
+            if self.empty_tries >= MAX_EMPTY_TRIES or (
+                    not self.streaming and self.empty_tries >= 2 * len(self.source) + batch_size):
                 raise DataError(f"no usable sample in {self.empty_tries} tries ({self.state['bad']}): check the "
                                 f"data at {self.cfg.data.source!r}")
+
+    def _local(self) -> dict:
+        """What this rank saves of its own: a shard stream's cursors and the split they belong to."""
+        if not self.streaming:
+            return {}
+        return {"stream": self.stream, "layout": stream_layout(self.source, self.cfg.data.workers)}
 
     # --- the loop --------------------------------------------------------------------------------------
 
@@ -178,9 +192,6 @@ class Trainer:
             self.bf16 = announce(self.cfg.bf16, self.device, run=self.out)
             runfolder.rewrite_metrics(os.path.join(self.out, "metrics.jsonl"),
                                       self.bundle["state"]["step"] if self.bundle else 0)
-            if self.bad_shards:
-                print(f"warning: {self.bad_shards} unreadable shard(s) skipped (counted as bad_shards in "
-                      f"metrics.jsonl)", file=sys.stderr)
             return self._loop()
 
     def _loop(self) -> dict:
@@ -211,8 +222,8 @@ class Trainer:
     def _run_stage(self, index: int, stage: PretrainStageConfig, start: int, end: int, optimizer, bar) -> dict:
         cfg, state = self.cfg, self.state
         micro = micro_batch(stage, dist.world_size(), cfg.grad_accum)  # stage.batch_size is the global batch
-        loader = make_loader(self.source, cfg.data, stage.image_size, micro, cfg.seed, state["position"],
-                             text_inputs(cfg.model))
+        loader = make_loader(self.source, cfg.data, stage.image_size, micro, cfg.seed,
+                             self.stream if self.streaming else state["position"], text_inputs(cfg.model))
         it = iter(loader)
         record: dict = {}
         clock = {"tick": time.perf_counter(), "samples": 0}
@@ -237,8 +248,8 @@ class Trainer:
             record = self.metrics.write(
                 step, terms["loss"], lr, stage=index + 1, **{k: v for k, v in terms.items() if k != "loss"},
                 samples_per_s=clock["samples"] * dist.world_size() / max(now - clock["tick"], 1e-9),
-                seen=state["seen"], skipped=sum(state["bad"].values()), bad=dict(state["bad"]),
-                bad_shards=self.bad_shards)
+                seen=state["seen"], skipped=_unusable(state["bad"]), bad=dict(state["bad"]),
+                bad_shards=state["bad"].get("bad_shard", 0))
             bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
             clock.update(tick=now, samples=0)
 
@@ -246,8 +257,25 @@ class Trainer:
                           ckpt_every=cfg.ckpt_every)
         run_steps(self.wrapped, optimizer, loop, state=state, end=end, batch=next_batch, loss=self.wrapped,
                   set_lr=set_lr, log=log, bar=bar, device=self.device,
-                  save=lambda: ckpt.save_checkpoint(self.out, cfg, self.wrapped, optimizer, dict(state)))
+                  save=lambda: ckpt.save_checkpoint(self.out, cfg, self.wrapped, optimizer, dict(state),
+                                                    local=self._local()))
         return record
+
+
+def _unusable(bad: dict) -> int:
+    """Samples dropped, of the `bad` counts (unreadable shards are counted apart, as `bad_shard`)."""
+    return sum(n for reason, n in bad.items() if reason != "bad_shard")
+
+
+def _stream_position(bundle: dict, layout: dict) -> dict:
+    """This rank's shard-stream cursors from a checkpoint, refused when the split differs."""
+    local = bundle.get("local") or {}
+    if "layout" not in local:
+        raise StreamError(f"--resume: the checkpoint holds no shard-stream position for rank {dist.rank()} (it was "
+                          f"written by fewer processes, or from another kind of source); resume with the processes "
+                          f"and data source that wrote it")
+    check_layout(local["layout"], layout)
+    return local["stream"]
 
 
 def train(cfg: TrainConfig, out: str, resume: bool = False) -> dict:

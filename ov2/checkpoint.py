@@ -4,7 +4,8 @@
         model.safetensors    weights (all of them, or the trainable ones for a bridge stage)
         optimizer.pt         optimizer state (tensors and numbers only; read with weights_only=True)
         trainer.json         step, data position, counters, and "files": {name: bytes} of the folder
-        rng_rank{R}.pt       each process's torch RNG state
+        rng_rank{R}.pt       each process's own state: torch RNG (CPU, and CUDA where there is one) and `local`,
+                             what the trainer keeps per rank (a shard stream's cursors)
         config.yaml          the stage's config (a checkpoint folder is self-contained)
 
     save(run, step, weights=..., optimizer=..., config=..., state=..., keep_last=3)   # every rank calls it
@@ -146,12 +147,20 @@ def _rng_file(folder: Path, rank: int) -> Path:
     return folder / f"rng_rank{rank}.pt"
 
 
+def rank_state(local: dict | None = None) -> dict:
+    """What each rank saves of its own: the CPU and CUDA RNG states and the trainer's per-rank `local` dict."""
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda, "local": dict(local or {})}
+
+
 def save(run: str | Path, step: int, *, weights: dict, optimizer: dict, config: dict, state: dict,
-         keep_last: int | None = None) -> Path:
+         keep_last: int | None = None, local: dict | None = None) -> Path:
     """The checkpoint of `step`. Collective under torchrun: every rank calls it; rank 0 makes the temporary folder,
     every rank saves its own RNG state into it, rank 0 writes `weights` (name -> tensor), the optimizer state, the
     config and the trainer `state`, and renames once. Only rank 0's weights and optimizer state are written (the
-    other ranks may pass empty dicts)."""
+    other ranks may pass empty dicts); each rank's `local` dict goes into its own file (`read(...)["local"]`)."""
     import torch
     from safetensors.torch import save_file
 
@@ -163,7 +172,7 @@ def save(run: str | Path, step: int, *, weights: dict, optimizer: dict, config: 
     if dist.is_main():
         begin(run, step)
     dist.barrier()
-    torch.save(torch.get_rng_state(), _rng_file(tmp, dist.rank()))
+    torch.save(rank_state(local), _rng_file(tmp, dist.rank()))
     dist.barrier()
     if dist.is_main():
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
@@ -183,22 +192,29 @@ def read_weights(path: str | Path) -> dict:
 
 def read(path: str | Path) -> dict:
     """Everything a resume needs, read (and so checked) before anything is changed: weights, optimizer state (on the
-    CPU; tensors and numbers only), this rank's RNG state (None when the checkpoint has none for it), trainer state."""
+    CPU; tensors and numbers only), this rank's RNG state and `local` dict (None and {} when the checkpoint has none
+    for this rank), trainer state."""
     import torch
 
     from ov2 import distributed as dist
 
     path = Path(path)
-    rng = _rng_file(path, dist.rank())
+    mine = _rng_file(path, dist.rank())
+    own = torch.load(mine, weights_only=True) if mine.is_file() else None
+    if torch.is_tensor(own):  # written before the CUDA state and `local` were saved
+        own = {"cpu": own, "cuda": None, "local": {}}
     return {"weights": read_weights(path),
             "optimizer": torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True),
-            "rng": torch.load(rng, weights_only=True) if rng.is_file() else None,
+            "rng": own, "local": own["local"] if own else {},
             "state": read_state(path)}
 
 
 def restore_rng(bundle: dict) -> None:
-    """Put a read checkpoint's RNG state of this rank back in place (when it has one)."""
+    """Put a read checkpoint's RNG states of this rank back in place (when it has them)."""
     import torch
 
-    if bundle["rng"] is not None:
-        torch.set_rng_state(bundle["rng"])
+    own = bundle["rng"]
+    if own is not None:
+        torch.set_rng_state(own["cpu"])
+        if own["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(own["cuda"])

@@ -12,7 +12,8 @@ from PIL import Image
 
 from encoder.data.loader import CaptionDataset, Collate, ResumableBatchSampler
 from encoder.data.shards import write_synth_shards
-from encoder.data.sources import FolderSource, ShardSource, SynthSource, expand_shards
+from encoder.data.sources import BadSample, FolderSource, SynthSource
+from encoder.data.stream import StreamSource, shard_samples, shard_urls
 from encoder.data.synth import COLOURS, SHAPES, make_scene
 from encoder.data.transforms import eval_transform, train_transform
 from encoder.tokenizer import BOS, EOS, PAD, get_tokenizer
@@ -64,13 +65,17 @@ def test_corrupt_inputs_are_skipped_and_counted(tmp_path):
         _add(tar, "silent.png", _png())
         _add(tar, "silent.txt", b"   ")
     (tmp_path / "shard-000001.tar").write_bytes(b"this is not a tar archive at all" * 40)
-    source = ShardSource(expand_shards(str(tmp_path)))
-    assert source.bad_shards == [str(tmp_path / "shard-000001.tar")]
-    assert len(source) == 8
-    dataset = CaptionDataset(source, 16, seed=0)
-    batch = Collate(32)([dataset[(0, i)] for i in range(len(source))])
+    urls = shard_urls(str(tmp_path))
+    assert urls == [str(good), str(tmp_path / "shard-000001.tar")]
+    samples = list(shard_samples(urls[0]))
+    assert [s["caption"] for s in samples[:6]] == [f"a red square number {i}." for i in range(6)]
+    assert [str(s) for s in samples[6:]] == ["corrupt_image", "empty_caption"]
+    assert [str(s) for s in shard_samples(urls[1])] == ["bad_shard"]  # unreadable: one mark, the stream goes on
+    dataset = CaptionDataset(StreamSource(urls), 16, seed=0)
+    batch = Collate(32)([dataset.prepare(s, np.random.default_rng(0)) if isinstance(s, dict) else {"bad": str(s)}
+                         for s in samples])
     assert batch["seen"] == 8 and batch["pixels"].shape == (6, 3, 16, 16)
-    assert batch["bad"] == {"corrupt_image": 1, "empty_caption": 1}
+    assert batch["bad"] == {"corrupt_image": 1, "empty_caption": 1} and isinstance(samples[6], BadSample)
 
 
 @pytest.mark.slow
@@ -90,12 +95,12 @@ def test_too_many_bad_samples_stop_with_a_clear_message(cli, tmp_path):
 def test_synth_shards_round_trip(tmp_path):
     paths = write_synth_shards(str(tmp_path), 25, seed=5, size=32, per_shard=10)
     assert len(paths) == 3
-    source = ShardSource(paths)
-    assert len(source) == 25
-    sample = source.read(3)
+    assert shard_urls(f"{tmp_path}/shard-{{000000..000002}}.tar") == paths == shard_urls(f"{tmp_path}/shard-*.tar")
+    sample = list(shard_samples(paths[0]))[3]
     assert sample["caption"] == make_scene(5, 3, 32).caption and sample["image"].size == (32, 32)
-    halves = [source.split(r, 2) for r in range(2)]
-    assert len(halves[0]) + len(halves[1]) == 25 and set(halves[0].paths).isdisjoint(halves[1].paths)
+    assert sum(1 for p in paths for _ in shard_samples(p)) == 25
+    halves = [StreamSource(paths).split(r, 2) for r in range(2)]
+    assert halves[0].urls + halves[1].urls == [paths[0], paths[2], paths[1]]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])

@@ -42,6 +42,20 @@ def _global_batch() -> dict:
             "text_tokens": get_tokenizer()(CAPTIONS, context, pad_to_max=True)}
 
 
+def _stream_batch(shards: str, rank: int, world: int) -> dict:
+    """The first batch rank `rank` of `world` streams from the shard set `shards` (its share of the global batch)."""
+    from encoder.config import DataConfig
+    from encoder.data.loader import make_loader
+    from encoder.data.stream import StreamSource, shard_urls
+    from encoder.models import text_inputs
+    from encoder.train import _model_inputs
+
+    source = StreamSource(shard_urls(shards)).split(rank, world)
+    loader = make_loader(source, DataConfig(workers=0), 16, GLOBAL_BATCH // world, 0, None,
+                         text_inputs(get_preset("clip-micro").model))
+    return _model_inputs(next(iter(loader)), torch.device("cpu"))
+
+
 def _step(module: torch.nn.Module, batch: dict) -> float:
     terms = module(batch)
     terms["loss"].backward()
@@ -57,14 +71,19 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def worker(out: str) -> None:
-    """Each rank takes its rows of the global batch; rank 0 saves loss and full gradients per mode."""
+def worker(out: str, shards: str) -> None:
+    """Each rank takes its rows of the global batch (and, for "stream", its own shards of `shards`); rank 0 saves loss
+    and full gradients per mode."""
     from ov2 import distributed as dist
 
     device = dist.setup()
     rank, world = dist.rank(), dist.world_size()
     batch = _global_batch()
     results = {}
+    module = _module()
+    loss = _step(dist.wrap(module, "ddp", device), _stream_batch(shards, rank, world))
+    if rank == 0:
+        results["stream"] = {"loss": torch.tensor(loss), **{f"grad.{k}": v for k, v in _grads(module).items()}}
     for mode, cuts in (("ddp", None), ("fsdp", None), ("ddp_uneven", [0, 5, 8])):
         cuts = cuts or [GLOBAL_BATCH * r // world for r in range(world + 1)]
         lo, hi = cuts[rank], cuts[rank + 1]
@@ -89,24 +108,41 @@ def torchrun(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+def _shard_set(folder) -> str:
+    """Four webdataset shards of built-in scenes, named by a brace pattern as a user names a large set."""
+    from encoder.data.shards import write_synth_shards
+
+    write_synth_shards(str(folder), 32, size=16, per_shard=8)
+    return f"{folder}/shard-{{000000..000003}}.tar"
+
+
 @pytest.mark.slow  # a 2-process torchrun
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
-    out = str(tmp_path / "dist.pt")
-    result = torchrun(os.path.abspath(__file__), out)
+    out, shards = str(tmp_path / "dist.pt"), _shard_set(tmp_path / "shards")
+    result = torchrun(os.path.abspath(__file__), out, shards)
     assert result.returncode == 0, result.stderr[-3000:]
     module = _module()
     ref_loss = _step(module, _global_batch())
     ref = _grads(module)
     assert "losses.0.log_scale" in ref and "model.text.head.weight" in ref and "model.image_head.weight" in ref
+    # streamed shards: the two ranks' batches (each from its own shards) are one process's global batch
+    halves = [_stream_batch(shards, r, 2) for r in range(2)]
+    assert not set(halves[0]["captions"]) & set(halves[1]["captions"])
+    whole = {k: torch.cat([h[k] for h in halves]) if torch.is_tensor(halves[0][k]) else halves[0][k] + halves[1][k]
+             for k in halves[0]}
+    stream_module = _module()
+    refs = {mode: (ref_loss, ref) for mode in ("ddp", "ddp_uneven", "fsdp")}
+    refs["stream"] = (_step(stream_module, whole), _grads(stream_module))
     results = torch.load(out, weights_only=True)
     helpers = results.pop("helpers")
     assert helpers["flags"].tolist() == [True, False] and helpers["summed"].tolist() == [3.0]
-    assert sorted(results) == ["ddp", "ddp_uneven", "fsdp"]
+    assert sorted(results) == ["ddp", "ddp_uneven", "fsdp", "stream"]
     for mode, got in results.items():
-        assert_close_scaled(got["loss"], torch.tensor(ref_loss), msg=f"{mode}: loss")
+        want_loss, want = refs[mode]
+        assert_close_scaled(got["loss"], torch.tensor(want_loss), msg=f"{mode}: loss")
         grads = {k.removeprefix("grad."): v for k, v in got.items() if k.startswith("grad.")}
-        assert grads.keys() == ref.keys(), mode
-        for name, g in ref.items():
+        assert grads.keys() == want.keys(), mode
+        for name, g in want.items():
             assert g.abs().max() > 0, name  # every parameter takes part, so a missing all-reduce shows
             assert_close_scaled(grads[name], g, msg=f"{mode}: {name}")
 
@@ -117,12 +153,16 @@ RUN = ["--stages.0.image_size=16", "--stages.1.image_size=32", "--stages.0.batch
 
 
 @pytest.mark.slow  # four 2-process trainings (~1 min together on 2 cores)
-@pytest.mark.parametrize("family,mode", [("ov2", "ddp"), ("ov1", "fsdp"), ("clip", "ddp"), ("clip", "fsdp")])
-def test_torchrun_training_checkpoint_and_exact_resume(tmp_path, family, mode):
+@pytest.mark.parametrize("family,mode,data", [("ov2", "ddp", "synth"), ("ov1", "fsdp", "synth"),
+                                              ("clip", "ddp", "shards"), ("clip", "fsdp", "synth")])
+def test_torchrun_training_checkpoint_and_exact_resume(tmp_path, family, mode, data):
+    """Shards: a brace pattern streamed by 2 workers per rank; each rank's cursors go into its own checkpoint file,
+    and a resume on another number of processes is refused with the reason."""
     from safetensors.torch import load_file
 
     full = str(tmp_path / "full")
-    result = torchrun("-m", "encoder", "train", "--preset", f"{family}-micro", "--out", full, *RUN,
+    extra = [f"--data.source={_shard_set(tmp_path / 'shards')}", "--data.workers=2"] if data == "shards" else []
+    result = torchrun("-m", "encoder", "train", "--preset", f"{family}-micro", "--out", full, *RUN, *extra,
                       f"--distributed={mode}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [int(p[-7:]) for p in list_checkpoints(full)] == [2, 4, 6, 8]
@@ -143,7 +183,15 @@ def test_torchrun_training_checkpoint_and_exact_resume(tmp_path, family, mode):
     for k in a:
         assert_close_scaled(b[k], a[k], rel=1e-5, msg=k)
     assert [r["step"] for r in records(resumed)] == [2, 4, 6, 8]
+    if data == "shards":
+        single = str(tmp_path / "single")
+        shutil.copytree(full, single)
+        shutil.rmtree(os.path.join(single, "checkpoints", "step_0000008"))
+        result = subprocess.run([sys.executable, "-m", "encoder", "train", "--out", single, "--resume"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "split for 2 process(es)" in result.stderr and "world 2 -> 1" in result.stderr
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], sys.argv[2])

@@ -76,6 +76,10 @@ class CaptionDataset(Dataset):
             sample = self.source.read(index)
         except BadSample as err:
             return {"bad": str(err)}
+        return self.prepare(sample, rng)
+
+    def prepare(self, sample: dict, rng: np.random.Generator) -> dict:
+        """A read sample -> the augmented item a batch is collated from."""
         pixels = train_transform(sample["image"], self.image_size, rng, **self.augment)
         return {"pixels": pixels, "caption": sample["caption"], "alt": sample["alt"],
                 "sentence": random_sentence(sample["caption"], rng)}
@@ -105,14 +109,20 @@ class Collate:
         return batch
 
 
-def make_loader(source, data_cfg, image_size: int, batch_size: int, seed: int, start: int,
+def make_loader(source, data_cfg, image_size: int, batch_size: int, seed: int, start: int | dict,
                 texts: int | dict[str, tuple[str, int]]) -> DataLoader:
-    """An endless loader from sample `start` on; `data_cfg` is the run's DataConfig (augmentation, workers);
-    `texts` what the collate tokenises (see `Collate`)."""
+    """An endless loader from sample `start` on (a streamed shard source: from the cursors `start`,
+    encoder.data.stream); `data_cfg` is the run's DataConfig (augmentation, workers); `texts` what the collate
+    tokenises (see `Collate`)."""
     dataset = CaptionDataset(source, image_size, seed, data_cfg.crop_min_scale, data_cfg.color_jitter,
                              data_cfg.grayscale_p, hue=data_cfg.hue_jitter, jitter_p=data_cfg.color_jitter_p,
                              resize=data_cfg.resize)
     workers = data_cfg.workers
+    if getattr(source, "streaming", False):
+        from encoder.data.stream import stream_loader
+
+        return stream_loader(source, dict(batch_size=batch_size, seed=seed, transform=dataset.prepare,
+                                          collate=Collate(texts)), workers, start or None)
     sampler = ResumableBatchSampler(len(source), batch_size, seed, start)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=Collate(texts), num_workers=workers,

@@ -1,8 +1,8 @@
 """Random-access sample sources: `len(source)` and `source.read(i) -> {"image": PIL.Image, "caption", "alt"}`.
 
 - SynthSource: built-in scenes generated on the fly from (seed, index).
-- ShardSource: webdataset tar shards (`jpg|jpeg|png|webp` + `txt|json`), indexed once so that any sample
-  can be read by position (exact resume, per-rank shard split). An unreadable shard is skipped and counted.
+- webdataset tar shards (`jpg|jpeg|png|webp` + `txt|json`) are streamed, never indexed: encoder.data.stream
+  (`open_source` returns its StreamSource for them).
 - FolderSource: an image folder with a JSONL / CSV / parquet captions file (columns `image` or `file`,
   `caption` or `text`, optional `alt`).
 `read` raises `BadSample` for a corrupt image or an empty caption; the loader counts and skips those.
@@ -10,19 +10,14 @@
 
 from __future__ import annotations
 
-import glob
 import io
 import json
-import logging
 import os
-import tarfile
-from dataclasses import dataclass
 
 from PIL import Image
 
 from encoder.data.synth import KINDS, make_scene
 
-log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "json")
 
@@ -75,86 +70,6 @@ class SynthSource:
     def split(self, rank: int, world: int) -> SynthSource:
         return SynthSource(self.seed, size=self.size, kinds=self.kinds, max_groups=self.max_groups,
                            indices=self.indices[rank::world])
-
-
-@dataclass
-class _Entry:
-    path: str
-    image: tuple[str, int, int] | None = None  # (ext, offset, size)
-    text: tuple[str, int, int] | None = None
-
-
-def expand_shards(spec: str) -> list[str]:
-    """A directory (all *.tar in it), a glob, or a comma-separated list -> sorted shard paths.
-
-    Names are taken literally first: a folder or file whose name holds `[`, `]`, `*` or `?` is never a pattern."""
-    if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
-    else:
-        paths = sorted({p for part in spec.split(",") if part
-                        for p in ([part] if os.path.isfile(part) else glob.glob(part))})
-    if not paths:
-        raise FileNotFoundError(f"no webdataset shards found at {spec!r}")
-    return paths
-
-
-class ShardSource:
-    def __init__(self, paths: list[str], entries: list[_Entry] | None = None, bad_shards: list[str] | None = None):
-        self.paths = list(paths)
-        self.bad_shards: list[str] = list(bad_shards or [])
-        if entries is not None:  # a rank's share of an already indexed source
-            self.entries = entries
-            return
-        self.entries: list[_Entry] = []
-        for path in self.paths:
-            self._index(path)
-
-    def _index(self, path: str) -> None:
-        samples: dict[str, _Entry] = {}
-        try:
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    dirname, base = os.path.split(member.name)
-                    stem, _, ext = base.partition(".")
-                    ext = ext.lower()
-                    entry = samples.setdefault(os.path.join(dirname, stem), _Entry(path))
-                    if ext in IMAGE_EXTS:
-                        entry.image = (ext, member.offset_data, member.size)
-                    elif ext in TEXT_EXTS and (entry.text is None or ext == "json"):
-                        entry.text = (ext, member.offset_data, member.size)
-        except (tarfile.TarError, OSError) as err:
-            log.warning("skipping unreadable shard %s (%s)", path, err)  # once: a source is indexed once
-            self.bad_shards.append(path)
-            if not samples:
-                return
-        self.entries.extend(samples.values())
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def read(self, i: int) -> dict:
-        entry = self.entries[i]
-        if entry.image is None:
-            raise BadSample("missing_image")
-        if entry.text is None:
-            raise BadSample("empty_caption")
-        with open(entry.path, "rb") as f:
-            f.seek(entry.image[1])
-            image_bytes = f.read(entry.image[2])
-            f.seek(entry.text[1])
-            text_bytes = f.read(entry.text[2])
-        caption, alt = parse_text(text_bytes, entry.text[0])
-        if not caption:
-            raise BadSample("empty_caption")
-        return _checked(decode_image(image_bytes), caption, alt)
-
-    def split(self, rank: int, world: int) -> ShardSource:
-        if len(self.paths) < world:
-            raise ValueError(f"{len(self.paths)} shards cannot feed {world} processes: write more shards")
-        mine = set(self.paths[rank::world])
-        return ShardSource(self.paths[rank::world], [e for e in self.entries if e.path in mine], self.bad_shards)
 
 
 class SourceError(ValueError):
@@ -244,7 +159,12 @@ def open_source(data_cfg, render_size: int = 64):
             raise FileNotFoundError(f"image folder {spec!r} not found")
         source = FolderSource(spec, data_cfg.captions, outside=getattr(data_cfg, "captions_outside", False))
     else:
-        source = ShardSource(expand_shards(spec))
+        from encoder.data.stream import StreamSource, shard_urls
+
+        source = StreamSource(shard_urls(spec))
+    if data_cfg.fashion_mnist > 0 and getattr(source, "streaming", False):
+        raise ValueError("data.fashion_mnist mixes Fashion-MNIST into a synth or image-folder source; a shard stream "
+                         "takes it as shards (write them into the set)")
     if data_cfg.fashion_mnist > 0:  # real images: the Fashion-MNIST train split (never the test split)
         from encoder.data.fashion_mnist import FashionMNISTSource, MixedSource
 

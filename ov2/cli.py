@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench train": ("benchmarks.bench.train_cost:main", "training cost OV2 vs OV1 vs CLIP: step time, peak memory, "
                                                        "batch headroom"),
     "bench bridge": ("benchmarks.bench.bridge_step:main", "LLaVA stage 1 / stage 2 step time, float32 vs bf16"),
+    "bench data": ("benchmarks.bench.data_stream:main", "shard streaming: start-up, memory and samples/s at two set "
+                                                        "sizes"),
     "bench bridge-options": ("benchmarks.bench.bridge_options:main", "bridge options on a CPU budget (full LLM vs "
                              "LoRA, tower share): step time, held-in accuracy"),
 }

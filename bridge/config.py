@@ -107,6 +107,7 @@ class BridgeConfig:
     out: str
     llm: str = "smollm2"
     feature_layer: int = -2
+    image_size: int = 0  # the tower's input in px (0: its own); 32 for a 64 px tower of patch 8: 16 tokens, not 64
     stage1_data: str = "synth"
     stage2_data: str = "synth"
     image_root: str | None = None  # images of the stage-2 JSON (LLaVA: ./playground/data), and of stage 1's unless
@@ -139,7 +140,7 @@ class BridgeConfig:
 
 
 # what the model is made of: a resume into the same --out may never change these
-ARCHITECTURE = ("encoder", "llm", "feature_layer", "seed", "blind", "chat_template", "pad_to_square")
+ARCHITECTURE = ("encoder", "llm", "feature_layer", "image_size", "seed", "blind", "chat_template", "pad_to_square")
 
 
 def validate(cfg: BridgeConfig) -> BridgeConfig:
@@ -167,6 +168,8 @@ def validate(cfg: BridgeConfig) -> BridgeConfig:
             raise ConfigError(f"stage2_tasks: {unseen} ask only about held-out scenes: they have no train split")
     if cfg.eval_samples < 0:
         raise ConfigError(f"eval_samples must be 0 or more, got {cfg.eval_samples}")
+    if cfg.image_size < 0:
+        raise ConfigError(f"image_size must be 0 (the tower's own) or a size in px, got {cfg.image_size}")
     from bridge.processor import TEMPLATES
 
     if cfg.chat_template not in TEMPLATES:

@@ -39,6 +39,8 @@ def generate_ids(model, processor, images, questions: list[str], max_new_tokens:
         inputs = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
+    inputs = inputs.to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1]:]
     eos = tokenizer.eos_token_id

@@ -79,13 +79,16 @@ def _device(name: str):
     return torch.device(name)
 
 
+SCENE_SIZE = 64  # built-in scenes are drawn at least this large (the suite's size); the processor resizes them
+
+
 def build(cfg: BridgeConfig):
     """-> (model, processor, tower) freshly assembled (random projector; a preset: tower seeded by cfg.seed)."""
     from bridge.assemble import assemble, make_blind
     from bridge.llm import load_llm
-    from bridge.towers import load_tower
+    from bridge.towers import at_image_size, load_tower
 
-    tower = load_tower(cfg.encoder, feature_layer=cfg.feature_layer, seed=cfg.seed)
+    tower = at_image_size(load_tower(cfg.encoder, feature_layer=cfg.feature_layer, seed=cfg.seed), cfg.image_size)
     llm, tokenizer = load_llm(cfg.llm)
     model, processor = assemble(tower, llm, tokenizer, seed=cfg.seed, template=cfg.chat_template,
                                 pad_to_square=cfg.pad_to_square)
@@ -114,7 +117,8 @@ def datasets(cfg: BridgeConfig, image_size: int):
 
 def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     """Both stages, export and held-out check. Under torchrun every rank trains (each on its share of every batch,
-    gradients averaged) and rank 0 owns the folder: lock, status, config, export, evaluation, summary."""
+    gradients averaged) and rank 0 owns the folder: lock, status, config, export, evaluation, summary; after the
+    last step the other ranks leave, so that no collective waits on rank 0's check and export."""
     import contextlib
 
     from bridge.data import Collator
@@ -131,7 +135,7 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     local = dist.setup()  # joins the process group under torchrun; cuda:LOCAL_RANK when there is a GPU
     device = local if cfg.device == "auto" else _device(cfg.device)
     model, processor, tower = build(cfg)  # a bad --encoder or --llm fails here, before anything is written
-    data1, data2 = datasets(cfg, tower.image_size)
+    data1, data2 = datasets(cfg, max(tower.image_size, SCENE_SIZE))
     collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
     key = runfolder.config_key(asdict(cfg))
     summary = {"encoder": cfg.encoder, "llm": cfg.llm}
@@ -146,14 +150,13 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
         summary["stage1"] = train_stage(model, data1, collate, cfg.stage1, out / "stage1", inputs=(key,))
         with_lora(model, cfg)
         summary["stage2"] = train_stage(model, data2, collate, cfg.stage2, out / "stage2", inputs=(key,))
-        model.to("cpu")  # export and the held-out check run where any reader can load them
         merge_lora(model)  # LoRA adapters folded into the LLM: the export is a plain LLaVA either way
-        if dist.is_main():
-            export_llava(model, processor, out / "model", extra={"encoder": cfg.encoder, "llm": cfg.llm})
-            if evaluate and cfg.eval_samples > 0:
+        if dist.is_main():  # rank 0 alone: the others are released (no barrier waits on a generation)
+            if evaluate and cfg.eval_samples > 0:  # on the training device
                 summary["heldout"] = heldout_accuracy(model, processor, n=cfg.eval_samples)
+            model.to("cpu")  # the export is written from where any reader can load it
+            export_llava(model, processor, out / "model", extra={"encoder": cfg.encoder, "llm": cfg.llm})
             (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    dist.barrier()
     dist.teardown()
     return summary
 

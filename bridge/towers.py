@@ -177,3 +177,53 @@ def load_tower(spec: str | Path, feature_layer: int = -2, seed: int = 0) -> Visi
     raise FileNotFoundError(
         f"vision tower {spec!r}: not a local transformers vision folder, open_clip folder, preset:NAME or checkpoint"
     )
+
+
+def resize_positions(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """A position table ([P, D] or [1, P, D]; P = g*g, or 1 + g*g with a class position first) for a grid x grid
+    input: the patch positions interpolated bicubically, as transformers' `interpolate_pos_encoding` does."""
+    flat = table.reshape(-1, table.shape[-1])
+    old = int(round((flat.shape[0]) ** 0.5))
+    cls = flat.shape[0] - old * old
+    if cls not in (0, 1):
+        old = int(round((flat.shape[0] - 1) ** 0.5))
+        cls = flat.shape[0] - old * old
+    patches = flat[cls:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    patches = torch.nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    out = torch.cat([flat[:cls].float(), patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)]).to(table.dtype)
+    return out.reshape(*table.shape[:-2], -1, table.shape[-1]) if table.dim() == 3 else out
+
+
+def at_image_size(tower: VisionTower, image_size: int) -> VisionTower:
+    """The same tower taking `image_size` px images (image_size // patch_size squared tokens; 0: its own size).
+    Our ViT computes its sin-cos positions for any grid; a transformers tower is rebuilt at the new size with its
+    position table interpolated. Either way `hf_model()` is a plain transformers vision model at that size."""
+    import copy
+    from dataclasses import replace
+
+    if not image_size or image_size == tower.image_size:
+        return tower
+    if image_size % tower.patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the tower's patch size {tower.patch_size}")
+    grid = image_size // tower.patch_size
+    mean, std = tower.image_processor.image_mean, tower.image_processor.image_std
+    processor = make_image_processor(image_size, mean, std, int(getattr(tower.image_processor, "resample", 3)))
+    if isinstance(tower, OursTower):
+        from encoder.models.vit import position_table
+
+        vit = tower.model
+        vit.cfg = replace(vit.cfg, image_size=image_size)
+        vit.pos_embed = position_table(grid, grid, vit.cfg.width)
+        return OursTower(vit, replace(tower.vit_cfg, image_size=image_size), processor,
+                         feature_layer=tower.feature_layer, source=tower.source)
+    model = tower.model
+    config = copy.deepcopy(model.config)
+    config.image_size = image_size
+    state = {k: (resize_positions(v, grid) if k.endswith(("position_embedding.weight", "position_embeddings")) else v)
+             for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    resized = type(model)(config).eval()
+    missing, unexpected = resized.load_state_dict(state, strict=False)
+    if unexpected or any(not k.endswith("position_ids") for k in missing):
+        raise ValueError(f"cannot resize this {type(model).__name__}: {sorted(missing + unexpected)[:4]}")
+    return VisionTower(resized, processor, feature_layer=tower.feature_layer, has_cls=tower.has_cls,
+                       source=tower.source)

@@ -10,7 +10,8 @@ A key is a dotted path (`model.vit.width`, `stages.1.lr`) or a leaf name that is
 Each preset has a two-stage resolution schedule: low-resolution pretraining, then high-resolution
 finetuning that starts from stage 1's weights (sin-cos positions need no interpolation); `ov2-so400m14` adds the
 released third stage (84 -> 224 -> 378 px). A stage's `batch_size` is the global batch of one optimizer step;
-`micro_batch()` derives the per-process micro-batch from the world size and `grad_accum`.
+`accumulation()` derives the per-process micro-batch and the micro-steps per optimizer step from the world size and
+`micro_batch` (the micro-batch that fits; the accumulation follows) or `grad_accum`.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: list[PretrainStageConfig] = field(default_factory=lambda: [PretrainStageConfig()])
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-steps per optimizer step (ignored when micro_batch is set)
+    micro_batch: int = 0  # per-process micro-batch that fits in memory; 0: the whole per-process share. When set,
+    #                       gradient accumulation is each stage's batch_size / (processes x micro_batch)
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in the backward pass
     weight_decay: float = 0.2  # decoupled, on weight matrices only
     beta1: float = 0.9
     beta2: float = 0.95
@@ -120,6 +124,21 @@ PAPER_STAGES = dict(batch=(32_768, 16_384, 8_192), steps=(390_625, 62_256, 31_25
 # 0.8 s, hue 0.2 s), applied with p 0.8; grayscale p 0.2; bilinear antialiased resize.
 RELEASED_DATA = dict(color_jitter=0.8 * 0.4, hue_jitter=0.2 * 0.4, color_jitter_p=0.8, grayscale_p=0.2,
                      resize="bilinear")
+
+
+def accumulation(stage: PretrainStageConfig, world_size: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(per-process micro-batch, micro-steps per optimizer step) of a stage: from `micro_batch` when set (the
+    accumulation follows from the global batch), else from `grad_accum`."""
+    if not cfg.micro_batch:
+        return micro_batch(stage, world_size, cfg.grad_accum), cfg.grad_accum
+    parts = world_size * cfg.micro_batch
+    if stage.batch_size % world_size:
+        raise ConfigError(f"global batch {stage.batch_size} does not split over {world_size} processes")
+    if stage.batch_size % parts:
+        raise ConfigError(f"global batch {stage.batch_size} is not divisible by {world_size} process(es) x "
+                          f"micro_batch {cfg.micro_batch} = {parts}: choose a micro_batch that divides "
+                          f"{stage.batch_size // world_size}")
+    return cfg.micro_batch, stage.batch_size // parts
 
 
 def micro_batch(stage: PretrainStageConfig, world_size: int = 1, grad_accum: int = 1) -> int:
@@ -303,6 +322,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("data.color_jitter_p must be in [0, 1] and data.hue_jitter in [0, 0.5]")
     if not 0.0 <= cfg.data.fashion_mnist < 1.0:
         raise ConfigError(f"data.fashion_mnist must be in [0, 1), got {cfg.data.fashion_mnist}")
+    if cfg.micro_batch < 0:
+        raise ConfigError(f"micro_batch must be 0 (no accumulation beyond grad_accum) or more, got {cfg.micro_batch}")
     if cfg.grad_accum < 1 or cfg.keep_last < 1 or cfg.ckpt_every < 1 or cfg.log_every < 1:
         raise ConfigError("grad_accum, keep_last, ckpt_every and log_every must be at least 1")
     return cfg

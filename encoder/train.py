@@ -33,7 +33,7 @@ from encoder.config import (
     ConfigError,
     PretrainStageConfig,
     TrainConfig,
-    micro_batch,
+    accumulation,
     to_dict,
     validate,
 )
@@ -46,7 +46,7 @@ from ov2 import checkpoint as core
 from ov2 import distributed as dist
 from ov2 import runfolder
 from ov2.loop import LoopConfig, NonFiniteLoss, run_steps, warmup_cosine
-from ov2.precision import announce
+from ov2.precision import announce, resolve_bf16
 from ov2.resume import check_out, check_resume
 
 MAX_EMPTY_TRIES = 10_000  # samples read in a row without a usable one before the run stops
@@ -83,7 +83,8 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
         {"params": [p for p in params if id(p) in decay_ids], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if id(p) not in decay_ids], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=False)
+    cuda = next(module.parameters()).device.type == "cuda"  # fused on a GPU; the plain loop on a CPU (bit-exact)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=cuda, foreach=False)
 
 
 def _stage_bounds(cfg: TrainConfig) -> list[tuple[int, int]]:
@@ -96,7 +97,8 @@ def _stage_bounds(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 def _model_inputs(batch: dict, device: torch.device) -> dict:
     """Every batch entry but the counters, tensors moved to the device; models take what they need (**kwargs)."""
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k not in ("seen", "bad", "stream")}
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()
+            if k not in ("seen", "bad", "stream")}
 
 
 def _check_weights(bundle: dict, module: nn.Module, path: str) -> None:
@@ -114,7 +116,7 @@ class Trainer:
         self.cfg, self.out = validate(cfg), out
         self.device = dist.setup()
         for stage in cfg.stages:  # every stage's global batch must split over the processes before anything runs
-            micro_batch(stage, dist.world_size(), cfg.grad_accum)
+            accumulation(stage, dist.world_size(), cfg)
         check_out(out)
         runfolder.check_unlocked(out)
         self.resume_from, self.bundle = None, None
@@ -129,9 +131,11 @@ class Trainer:
         self.key = runfolder.config_key(to_dict(cfg))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.module = TrainModule(build_model(cfg.model), build_losses(cfg)).to(self.device)
+        if cfg.activation_checkpointing:
+            dist.checkpoint_blocks(self.module)
         if self.bundle is not None:
             _check_weights(self.bundle, self.module, self.resume_from)
-        self.wrapped = dist.wrap(self.module, cfg.distributed, self.device)
+        self.wrapped = dist.wrap(self.module, cfg.distributed, self.device, bf16=resolve_bf16(cfg.bf16, self.device)[0])
         torch.manual_seed(cfg.seed * 1000 + dist.rank() + 1)  # token dropping differs between ranks
         self.state = {"step": 0, "position": 0, "nan_streak": 0, "seen": 0, "bad": {}, "elapsed": 0.0}
         source = open_source(cfg.data, render_size=max(s.image_size for s in cfg.stages))
@@ -221,7 +225,7 @@ class Trainer:
 
     def _run_stage(self, index: int, stage: PretrainStageConfig, start: int, end: int, optimizer, bar) -> dict:
         cfg, state = self.cfg, self.state
-        micro = micro_batch(stage, dist.world_size(), cfg.grad_accum)  # stage.batch_size is the global batch
+        micro, accum = accumulation(stage, dist.world_size(), cfg)  # stage.batch_size is the global batch
         loader = make_loader(self.source, cfg.data, stage.image_size, micro, cfg.seed,
                              self.stream if self.streaming else state["position"], text_inputs(cfg.model))
         it = iter(loader)
@@ -253,7 +257,7 @@ class Trainer:
             bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
             clock.update(tick=now, samples=0)
 
-        loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=self.bf16, nan_patience=cfg.nan_patience,
+        loop = LoopConfig(grad_accum=accum, bf16=self.bf16, nan_patience=cfg.nan_patience,
                           ckpt_every=cfg.ckpt_every)
         run_steps(self.wrapped, optimizer, loop, state=state, end=end, batch=next_batch, loss=self.wrapped,
                   set_lr=set_lr, log=log, bar=bar, device=self.device,

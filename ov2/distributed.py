@@ -21,6 +21,8 @@ def setup() -> torch.device:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
     if device is not None:
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls (and convolutions) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         if device is not None:  # binding the device is what torch asks for: barrier() and NCCL's setup use it
             dist.init_process_group("nccl", device_id=device)
@@ -79,17 +81,29 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """DDP (default) or FSDP2 `fully_shard` when running on several processes; the module itself otherwise."""
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing: every transformer `Block` recomputes its activations in the backward pass (state
+    dict names unchanged). Applied before `wrap`, which shards the same blocks."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "Block")
+
+
+def wrap(model: nn.Module, mode: str, device: torch.device, bf16: bool = False) -> nn.Module:
+    """DDP (default) or FSDP2 `fully_shard` when running on several processes; the module itself otherwise.
+    FSDP2 shards every transformer block and the rest; with `bf16` it computes in bf16 (parameters cast for the
+    forward and backward) and reduces gradients in float32, keeping float32 master weights."""
     if world_size() == 1:
         return model
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
         for module in model.modules():
             if type(module).__name__ == "Block":
-                fully_shard(module)
-        return fully_shard(model)
+                fully_shard(module, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 

@@ -8,7 +8,8 @@
               log=lambda step, lr, terms: ...,          # after every optimizer step (the caller picks what to write)
               save=lambda: ...)                         # every ckpt_every steps and at `end`
 
-Per step: gradient accumulation over `grad_accum` micro-batches (DDP gradient sync on the last one only), bf16
+Per step: gradient accumulation over `grad_accum` micro-batches (DDP all-reduce / FSDP2 reduce-scatter on the last
+one only), bf16
 autocast on the device the module is on, a NaN/inf guard agreed by every rank (the step is skipped; after
 `nan_patience` such steps in a row the run stops with a NonFiniteLoss error).
 """
@@ -49,6 +50,14 @@ def device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _gradient_sync(module, last: bool):
+    """DDP: gradients are all-reduced on the last micro-batch only (`no_sync` before it). FSDP2 is told per
+    micro-batch instead (`set_requires_gradient_sync`): one reduce-scatter per optimizer step."""
+    if last or not hasattr(module, "no_sync"):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
 def run_steps(module, optimizer, cfg: LoopConfig, *, state: dict, end: int,
               batch: Callable[[int, int], dict], loss: Callable[[dict], dict[str, torch.Tensor]],
               set_lr: Callable[[int], float], log: Callable[[int, float, dict], None],
@@ -62,8 +71,10 @@ def run_steps(module, optimizer, cfg: LoopConfig, *, state: dict, end: int,
         terms_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             inputs = batch(state["step"], micro)
-            sync = micro == cfg.grad_accum - 1 or not hasattr(module, "no_sync")
-            with (contextlib.nullcontext() if sync else module.no_sync()), autocast:
+            last = micro == cfg.grad_accum - 1
+            if hasattr(module, "set_requires_gradient_sync"):  # FSDP2: its backward hooks read the flag
+                module.set_requires_gradient_sync(last)
+            with _gradient_sync(module, last), autocast:
                 terms = loss(inputs)
             (terms["loss"] / cfg.grad_accum).backward()
             for k, v in terms.items():

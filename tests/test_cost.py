@@ -10,7 +10,7 @@ from PIL import Image
 
 from benchmarks.bench import flops
 from benchmarks.bench import train_cost as cost_train
-from encoder.config import ConfigError, PretrainStageConfig, get_preset, micro_batch
+from encoder.config import ConfigError, PretrainStageConfig, accumulation, get_preset, micro_batch
 from encoder.data.transforms import adjust_hue, color_jitter, train_transform
 
 PAPER = {("ov2", "l14", 224): 208.90, ("ov1", "l14", 224): 271.75, ("ov2", "so400m14", 378): 1017.74,
@@ -67,6 +67,45 @@ def test_global_batch_splits_into_micro_batches():
     assert [micro_batch(s) for s in tiny.stages] == [s.batch_size for s in tiny.stages]  # one process: unchanged
     with pytest.raises(ConfigError, match=r"global batch 32 .* world size 3 x grad_accum 2 = 6"):
         micro_batch(PretrainStageConfig(batch_size=32), world_size=3, grad_accum=2)
+
+
+def test_micro_batch_that_fits_sets_the_accumulation():
+    from dataclasses import replace
+
+    cfg, stage = get_preset("ov2-l14"), PretrainStageConfig(batch_size=32_768)
+    assert accumulation(stage, 8, replace(cfg, micro_batch=256)) == (256, 16)  # 8 GPUs x 256 x 16 = 32k
+    assert accumulation(stage, 8, replace(cfg, grad_accum=4)) == (1024, 4)  # micro_batch unset: grad_accum's
+    with pytest.raises(ConfigError, match=r"8 process\(es\) x micro_batch 300 .* divides 4096"):
+        accumulation(stage, 8, replace(cfg, micro_batch=300))
+
+
+def test_activation_checkpointing_recomputes_the_same_numbers():
+    import torch
+
+    from encoder.models import build_losses, build_model
+    from encoder.train import TrainModule
+    from ov2.distributed import checkpoint_blocks
+    from tests.helpers import assert_close_scaled
+    from tests.test_collectives import _pretrain_batches
+
+    cfg, (batch,) = _pretrain_batches("ov2", steps=1)
+    grads, keys = [], []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        module = TrainModule(build_model(cfg.model), build_losses(cfg))
+        if checkpointed:
+            checkpoint_blocks(module)
+        torch.manual_seed(1)  # the same visual tokens kept
+        module(batch)["loss"].backward()
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in module.named_parameters()})
+        keys.append(sorted(module.state_dict()))
+    assert keys[0] == keys[1]  # checkpoints read and written under the same names
+    assert any("checkpoint" in type(m).__name__.lower() for m in module.modules())
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert (grads[1][name] is None) == (g is None), name
+        if g is not None:
+            assert_close_scaled(grads[1][name], g, msg=name)
 
 
 def test_so400m_recipe_and_released_augmentation():

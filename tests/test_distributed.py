@@ -71,6 +71,26 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _fsdp_loop_step(module, wrapped, local: dict, accum: int) -> tuple[int, dict]:
+    """One optimizer step of `ov2.loop.run_steps` over `accum` micro-batches of `local`: (reduce-scatters issued,
+    the accumulated full gradients, taken before the optimizer steps)."""
+    import torch.distributed as torch_dist
+
+    from ov2.loop import LoopConfig, run_steps
+
+    n = local["pixels"].shape[0] // accum
+    micro = [{k: v[i * n:(i + 1) * n] for k, v in local.items()} for i in range(accum)]
+    seen, grads, original = [], {}, torch_dist.reduce_scatter_single
+    torch_dist.reduce_scatter_single = lambda *a, **k: seen.append(1) or original(*a, **k)
+    try:
+        run_steps(wrapped, torch.optim.SGD(module.parameters(), lr=0.0), LoopConfig(grad_accum=accum),
+                  state={"step": 0}, end=1, batch=lambda step, m: micro[m], loss=wrapped, set_lr=lambda step: 0.0,
+                  log=lambda *a: None, save=lambda: None, before_step=lambda: grads.update(_grads(module)))
+    finally:
+        torch_dist.reduce_scatter_single = original
+    return len(seen), grads
+
+
 def worker(out: str, shards: str) -> None:
     """Each rank takes its rows of the global batch (and, for "stream", its own shards of `shards`); rank 0 saves loss
     and full gradients per mode."""
@@ -94,6 +114,15 @@ def worker(out: str, shards: str) -> None:
         grads = _grads(module)
         if rank == 0:
             results[mode] = {"loss": torch.tensor(loss), **{f"grad.{k}": v for k, v in grads.items()}}
+    lo, hi = rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world
+    for accum in (1, 2):  # FSDP2 through the loop: one reduce-scatter per optimizer step, however many micro-steps
+        module = _module()
+        reduce_scatters, grads = _fsdp_loop_step(module, dist.wrap(module, "fsdp", device),
+                                                 {k: v[lo:hi] for k, v in batch.items()}, accum)
+        if rank == 0:
+            results[f"fsdp_accum{accum}"] = {"loss": torch.tensor(float("nan")),
+                                             "reduce_scatters": torch.tensor(reduce_scatters),
+                                             **{f"grad.{k}": v for k, v in grads.items()}}
     flags = torch.tensor([dist.any_rank(rank == 1), dist.any_rank(False)])  # the loop's NaN guard, the bridge's sum
     summed = dist.all_reduce_sum_(torch.tensor([float(rank + 1)]))
     if rank == 0:
@@ -131,15 +160,22 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     whole = {k: torch.cat([h[k] for h in halves]) if torch.is_tensor(halves[0][k]) else halves[0][k] + halves[1][k]
              for k in halves[0]}
     stream_module = _module()
-    refs = {mode: (ref_loss, ref) for mode in ("ddp", "ddp_uneven", "fsdp")}
+    accumulated = _module()  # two micro-steps; each one's contrastive batch is both ranks' rows of that micro-step
+    for m in range(2):
+        rows = torch.tensor([m * 2, m * 2 + 1, 4 + m * 2, 5 + m * 2])
+        (accumulated({k: v[rows] for k, v in _global_batch().items()})["loss"] / 2).backward()
+    refs = {"fsdp_accum2": (float("nan"), _grads(accumulated))}
     refs["stream"] = (_step(stream_module, whole), _grads(stream_module))
     results = torch.load(out, weights_only=True)
     helpers = results.pop("helpers")
     assert helpers["flags"].tolist() == [True, False] and helpers["summed"].tolist() == [3.0]
-    assert sorted(results) == ["ddp", "ddp_uneven", "fsdp", "stream"]
+    assert sorted(results) == ["ddp", "ddp_uneven", "fsdp", "fsdp_accum1", "fsdp_accum2", "stream"]
+    once, twice = (int(results[f"fsdp_accum{a}"].pop("reduce_scatters")) for a in (1, 2))
+    assert once > 0 and twice == once  # gradient accumulation does not reduce-scatter on every micro-step
     for mode, got in results.items():
-        want_loss, want = refs[mode]
-        assert_close_scaled(got["loss"], torch.tensor(want_loss), msg=f"{mode}: loss")
+        want_loss, want = refs.get(mode, (ref_loss, ref))
+        if not got["loss"].isnan():  # the loop's steps log no loss here
+            assert_close_scaled(got["loss"], torch.tensor(want_loss), msg=f"{mode}: loss")
         grads = {k.removeprefix("grad."): v for k, v in got.items() if k.startswith("grad.")}
         assert grads.keys() == want.keys(), mode
         for name, g in want.items():

@@ -3,13 +3,15 @@
     RUN/config.yaml
     RUN/checkpoints/step_0000100/
         config.yaml          the training config (a checkpoint folder is self-contained)
-        model.safetensors    full model weights (fp32)
-        optimizer.pt         optimizer state (tensors and numbers only; loaded with weights_only=True)
+        model.safetensors    full model weights (fp32)                 } one process; under torchrun instead:
+        optimizer.pt         optimizer state (tensors and numbers only) } sharded/ (torch.distributed.checkpoint:
+                             each rank writes its part; a resume on another number of processes re-shards)
         trainer.json         step, data position, stage, counters, file sizes
         rng_rank{R}.pt       each process's torch RNG state (token dropping draws from it)
 
 Saving and reading are `ov2.checkpoint.save` / `read` (the bridge stages use them too); this module only says what
-the weights and optimizer state are: full state dicts, so plain, DDP and FSDP2 models are saved alike. A damaged
+the weights and optimizer state are: full state dicts for one process, the ranks' own parts (sharded for FSDP2)
+under torchrun. Readers (`load_model`, export, evaluation) gather a sharded checkpoint in one process. A damaged
 newest checkpoint (a cut file) is reported and the newest intact one is used instead, by `--resume`, `caption`,
 `eval-encoder` and `export-encoder` alike.
 """
@@ -62,6 +64,12 @@ def save_checkpoint(run_dir: str, cfg: TrainConfig, model: nn.Module, optimizer:
     """Collective under torchrun (every rank calls it): the full state dicts, gathered from every rank, saved by the
     one checkpoint scheme of `ov2.checkpoint`; `local` is what each rank keeps of its own (a shard stream's
     cursors)."""
+    from ov2 import distributed as dist
+
+    if dist.world_size() > 1:  # each rank writes its own part (torch.distributed.checkpoint); nothing is gathered
+        sharded = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        return str(core.save(run_dir, state["step"], weights={}, optimizer={}, config=to_dict(cfg), state=state,
+                             keep_last=cfg.keep_last, local=local, sharded=sharded))
     weights = get_model_state_dict(model, options=_FULL)
     optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
     return str(core.save(run_dir, state["step"], weights=weights, optimizer=optim_state, config=to_dict(cfg),
@@ -69,13 +77,25 @@ def save_checkpoint(run_dir: str, cfg: TrainConfig, model: nn.Module, optimizer:
 
 
 def restore(bundle: dict, model: nn.Module) -> dict:
-    """Put a read checkpoint's (`ov2.checkpoint.read`) weights and RNG state in place; return the trainer state."""
-    set_model_state_dict(model, bundle["weights"], options=_FULL)
+    """Put a read checkpoint's (`ov2.checkpoint.read`) weights and RNG state in place; return the trainer state.
+    A sharded checkpoint is loaded by every rank into its own shards, re-sharded when the number of processes
+    differs from the one that wrote it (torch.distributed.checkpoint reads whichever parts a shard needs)."""
+    if bundle.get("sharded"):
+        state = {"model": get_model_state_dict(model)}
+        core.load_parts(state, bundle["sharded"])
+        set_model_state_dict(model, state["model"])
+    else:
+        set_model_state_dict(model, bundle["weights"], options=_FULL)
     core.restore_rng(bundle)
     return dict(bundle["state"])
 
 
 def restore_optimizer(bundle: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    if bundle.get("sharded"):
+        state = {"optim": get_optimizer_state_dict(model, optimizer)}
+        core.load_parts(state, bundle["sharded"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        return
     set_optimizer_state_dict(model, optimizer, bundle["optimizer"], options=_FULL)
 
 
@@ -90,7 +110,7 @@ def resolve(path: str) -> str:
 
 def _resolve(path: str) -> tuple[Path, tuple[dict, TrainConfig]]:
     folder = Path(path)
-    if (folder / "model.safetensors").is_file():
+    if (folder / core.WEIGHTS).is_file() or (folder / core.SHARDED).is_dir():
         return folder, _read_weights(folder)
     if not folder.exists():
         raise FileNotFoundError(f"{path!r} does not exist")

@@ -101,6 +101,7 @@ class TrainConfig:
 # what `--resume` may change (ov2.resume.check_resume): how often it logs and saves, how it reads data, how it runs on
 # the machine; and what makes the architecture (changing it is refused as such)
 RESUME_SAFE = ("log_every", "ckpt_every", "keep_last", "nan_patience", "data.workers", "data.max_bad_fraction",
+               "activation_checkpointing",
                "loss_impl", "distributed")
 ARCHITECTURE = ("model", "preset")
 

@@ -20,6 +20,7 @@ interrupted, and config.yaml, metrics.jsonl and checkpoints/ are written.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -104,7 +105,8 @@ def _model_inputs(batch: dict, device: torch.device) -> dict:
 def _check_weights(bundle: dict, module: nn.Module, path: str) -> None:
     """The checkpoint's tensors must be exactly the model's (names and shapes) before anything is loaded."""
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in bundle["weights"].items()}
+    have = core.sharded_shapes(path) if bundle.get("sharded") else \
+        {k: tuple(v.shape) for k, v in bundle["weights"].items()}
     wrong = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
     if wrong:
         raise ConfigError(f"--resume: the checkpoint {path} does not fit this model "
@@ -136,8 +138,14 @@ class Trainer:
         if self.bundle is not None:
             _check_weights(self.bundle, self.module, self.resume_from)
         self.wrapped = dist.wrap(self.module, cfg.distributed, self.device, bf16=resolve_bf16(cfg.bf16, self.device)[0])
+        saved_world = self.bundle["state"].get("world", 1) if self.bundle is not None else dist.world_size()
+        if saved_world != dist.world_size() and dist.is_main():
+            print(f"note: resuming on {dist.world_size()} process(es) a run saved by {saved_world}: the weights and "
+                  f"optimizer state are re-sharded; each process's share of the data differs from an uninterrupted "
+                  f"run's from here on", file=sys.stderr)
         torch.manual_seed(cfg.seed * 1000 + dist.rank() + 1)  # token dropping differs between ranks
-        self.state = {"step": 0, "position": 0, "nan_streak": 0, "seen": 0, "bad": {}, "elapsed": 0.0}
+        self.state = {"step": 0, "position": 0, "nan_streak": 0, "seen": 0, "bad": {}, "elapsed": 0.0,
+                      "world": dist.world_size()}
         source = open_source(cfg.data, render_size=max(s.image_size for s in cfg.stages))
         self.source = source.split(dist.rank(), dist.world_size())
         self.streaming = getattr(self.source, "streaming", False)  # shards: per-rank cursors (encoder.data.stream)
@@ -206,7 +214,7 @@ class Trainer:
         bar = tqdm(total=cfg.total_steps, disable=not dist.is_main(), desc=cfg.preset, dynamic_ncols=True)
         last: dict = {}
         if self.bundle is not None:
-            self.state = ckpt.restore(self.bundle, self.wrapped)
+            self.state = {**ckpt.restore(self.bundle, self.wrapped), "world": dist.world_size()}
             bar.update(self.state["step"])
         self.metrics = runfolder.MetricsLog(self.out, elapsed=self.state.get("elapsed", 0.0), write=dist.is_main())
         try:

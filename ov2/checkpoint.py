@@ -36,6 +36,7 @@ _STEP = re.compile(r"^step_(\d+)$")
 STATE = "trainer.json"
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
+SHARDED = "sharded"  # a torch.distributed.checkpoint folder: {"model": ..., "optim": ...}, one file per rank
 
 
 class CheckpointError(RuntimeError):
@@ -73,10 +74,13 @@ def begin(run: str | Path, step: int) -> Path:
 
 def commit(tmp: Path, state: dict, keep_last: int | None = None) -> Path:
     """Write trainer.json (state + file sizes), fsync everything, rename `step_N.tmp` -> `step_N` once, prune."""
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != STATE}
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*"))
+             if p.is_file() and p.name != STATE}
     (tmp / STATE).write_text(json.dumps({**state, "files": files}, indent=1))
     for name in (*files, STATE):
         _fsync(tmp / name)
+    for folder in {(tmp / name).parent for name in files} - {tmp}:
+        _fsync(folder)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     if final.exists():  # the same step written again (a resumed run re-saving it): the older ones stay intact
         shutil.rmtree(final)
@@ -156,11 +160,13 @@ def rank_state(local: dict | None = None) -> dict:
 
 
 def save(run: str | Path, step: int, *, weights: dict, optimizer: dict, config: dict, state: dict,
-         keep_last: int | None = None, local: dict | None = None) -> Path:
+         keep_last: int | None = None, local: dict | None = None, sharded: dict | None = None) -> Path:
     """The checkpoint of `step`. Collective under torchrun: every rank calls it; rank 0 makes the temporary folder,
     every rank saves its own RNG state into it, rank 0 writes `weights` (name -> tensor), the optimizer state, the
     config and the trainer `state`, and renames once. Only rank 0's weights and optimizer state are written (the
-    other ranks may pass empty dicts); each rank's `local` dict goes into its own file (`read(...)["local"]`)."""
+    other ranks may pass empty dicts); each rank's `local` dict goes into its own file (`read(...)["local"]`).
+    `sharded` ({"model": ..., "optim": ...} state dicts of a sharded model) is written instead of `weights` and
+    `optimizer` by `torch.distributed.checkpoint`, every rank its own part, into `sharded/`."""
     import torch
     from safetensors.torch import save_file
 
@@ -173,10 +179,15 @@ def save(run: str | Path, step: int, *, weights: dict, optimizer: dict, config: 
         begin(run, step)
     dist.barrier()
     torch.save(rank_state(local), _rng_file(tmp, dist.rank()))
+    if sharded is not None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sharded, checkpoint_id=str(tmp / SHARDED))
     dist.barrier()
     if dist.is_main():
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
-        torch.save(optimizer, tmp / OPTIMIZER)
+        if sharded is None:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+            torch.save(optimizer, tmp / OPTIMIZER)
         write_config(tmp, config)
         final = commit(tmp, state, keep_last)
     dist.barrier()
@@ -184,10 +195,50 @@ def save(run: str | Path, step: int, *, weights: dict, optimizer: dict, config: 
 
 
 def read_weights(path: str | Path) -> dict:
-    """The weights of a checkpoint folder (name -> tensor, on the CPU)."""
+    """The weights of a checkpoint folder (name -> tensor, on the CPU), whole: from model.safetensors, or gathered
+    from a sharded checkpoint's parts in this one process."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(path) / WEIGHTS))
+    path = Path(path)
+    if (path / SHARDED).is_dir():
+        return _read_sharded(path / SHARDED, "model.")
+    return load_file(str(path / WEIGHTS))
+
+
+def sharded_shapes(path: str | Path) -> dict | None:
+    """name -> shape of a sharded checkpoint's weights (from its metadata alone), or None for a whole one."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = Path(path) / SHARDED
+    if not folder.is_dir():
+        return None
+    meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return {k.removeprefix("model."): tuple(m.size) for k, m in meta.items()
+            if k.startswith("model.") and hasattr(m, "size")}
+
+
+def _read_sharded(folder: Path, prefix: str) -> dict:
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    out = {k.removeprefix(prefix): torch.empty(tuple(m.size), dtype=m.properties.dtype)
+           for k, m in meta.items() if k.startswith(prefix) and hasattr(m, "size")}
+    load_parts({"model": out}, folder)
+    return out
+
+
+def load_parts(state: dict, folder: str | Path) -> None:
+    """Fill `state` in place from a sharded checkpoint folder, in a process group or in one process alone."""
+    import warnings
+
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+
+    alone = not torch_dist.is_initialized()
+    with warnings.catch_warnings():  # one process alone is meant here, not a mistake to warn about
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=alone)
 
 
 def read(path: str | Path) -> dict:
@@ -203,10 +254,11 @@ def read(path: str | Path) -> dict:
     own = torch.load(mine, weights_only=True) if mine.is_file() else None
     if torch.is_tensor(own):  # written before the CUDA state and `local` were saved
         own = {"cpu": own, "cuda": None, "local": {}}
+    common = {"rng": own, "local": own["local"] if own else {}, "state": read_state(path)}
+    if (path / SHARDED).is_dir():  # each rank loads its part into its model: `load_sharded`
+        return {"weights": None, "optimizer": None, "sharded": str(path / SHARDED), **common}
     return {"weights": read_weights(path),
-            "optimizer": torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True),
-            "rng": own, "local": own["local"] if own else {},
-            "state": read_state(path)}
+            "optimizer": torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True), **common}
 
 
 def restore_rng(bundle: dict) -> None:

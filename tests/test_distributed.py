@@ -192,9 +192,11 @@ RUN = ["--stages.0.image_size=16", "--stages.1.image_size=32", "--stages.0.batch
 @pytest.mark.parametrize("family,mode,data", [("ov2", "ddp", "synth"), ("ov1", "fsdp", "synth"),
                                               ("clip", "ddp", "shards"), ("clip", "fsdp", "synth")])
 def test_torchrun_training_checkpoint_and_exact_resume(tmp_path, family, mode, data):
-    """Shards: a brace pattern streamed by 2 workers per rank; each rank's cursors go into its own checkpoint file,
-    and a resume on another number of processes is refused with the reason."""
-    from safetensors.torch import load_file
+    """Checkpoints are sharded (torch.distributed.checkpoint: each rank writes its part). Shards: a brace pattern
+    streamed by 2 workers per rank; each rank's cursors go into its own checkpoint file, and a resume on another
+    number of processes is refused with the reason. FSDP2 on synthetic data: a resume on one process re-shards the
+    weights and optimizer state and says that the data split changes."""
+    from ov2.checkpoint import read_weights
 
     full = str(tmp_path / "full")
     extra = [f"--data.source={_shard_set(tmp_path / 'shards')}", "--data.workers=2"] if data == "shards" else []
@@ -206,27 +208,37 @@ def test_torchrun_training_checkpoint_and_exact_resume(tmp_path, family, mode, d
     assert [r["step"] for r in logged] == [2, 4, 6, 8]  # rank 0 logs, once
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
     assert sorted(os.listdir(latest_checkpoint(full))) == sorted(
-        ["config.yaml", "model.safetensors", "optimizer.pt", "trainer.json", "rng_rank0.pt", "rng_rank1.pt"])
+        ["config.yaml", "sharded", "trainer.json", "rng_rank0.pt", "rng_rank1.pt"])
+    parts = sorted(os.listdir(os.path.join(latest_checkpoint(full), "sharded")))
+    assert parts == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one part per rank
 
     resumed = str(tmp_path / "resumed")
     shutil.copytree(full, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "step_0000008"))  # stop inside stage 2, at step 6
     result = torchrun("-m", "encoder", "train", "--out", resumed, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
-    a = load_file(os.path.join(full, "checkpoints", "step_0000008", "model.safetensors"))
-    b = load_file(os.path.join(resumed, "checkpoints", "step_0000008", "model.safetensors"))
-    assert a.keys() == b.keys()
+    a = read_weights(os.path.join(full, "checkpoints", "step_0000008"))  # the parts gathered in this process
+    b = read_weights(os.path.join(resumed, "checkpoints", "step_0000008"))
+    assert a.keys() == b.keys() and "model.vit.patch_embed.weight" in a
     for k in a:
         assert_close_scaled(b[k], a[k], rel=1e-5, msg=k)
     assert [r["step"] for r in records(resumed)] == [2, 4, 6, 8]
-    if data == "shards":
+    if data == "shards" or mode == "fsdp":
         single = str(tmp_path / "single")
         shutil.copytree(full, single)
         shutil.rmtree(os.path.join(single, "checkpoints", "step_0000008"))
         result = subprocess.run([sys.executable, "-m", "encoder", "train", "--out", single, "--resume"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-        assert "split for 2 process(es)" in result.stderr and "world 2 -> 1" in result.stderr
+        assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    if data == "shards":
+        assert result.returncode == 2 and "split for 2 process(es)" in result.stderr and "world 2 -> 1" in result.stderr
+    elif mode == "fsdp":
+        assert result.returncode == 0 and "re-sharded" in result.stderr, result.stderr[-2000:]
+        whole = read_weights(os.path.join(single, "checkpoints", "step_0000008"))  # one process: model.safetensors
+        assert whole.keys() == a.keys()
+        first = read_weights(os.path.join(full, "checkpoints", "step_0000006"))
+        moved = [k for k in a if not torch.equal(whole[k], first[k])]
+        assert len(moved) > len(a) // 2  # trained on from the re-sharded state
 
 
 if __name__ == "__main__":

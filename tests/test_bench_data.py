@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from tests.helpers import run_inprocess
 
 
+@pytest.mark.slow  # eight fresh processes
 def test_bench_data_writes_a_row_per_size_and_worker_count(tmp_path):
     out = tmp_path / "data"
     result = run_inprocess("bench", "data", "--sizes", "60,600", "--per-shard", "50", "--workers", "0,2",

@@ -18,7 +18,8 @@ def test_the_bench_times_every_option_and_refuses_bad_input(tmp_path, capsys):
             "--out", str(out)]
     assert main(args) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [r["option"] for r in rows] == ["full", "lora-r16", "lora-r128", "tower"]
+    assert [r["option"] for r in rows] == ["full", "lora-r16", "lora-r128", "tokens-16", "tower"]
+    assert rows[3]["tokens"] <= rows[0]["tokens"]  # a 32 px input never gives more visual tokens
     assert all(r["median_s"] > 0 and r["n"] == 2 for r in rows) and rows[0]["ratio_to_full"] == 1.0
     assert rows[1]["trainable_params"] < rows[0]["trainable_params"]  # LoRA trains far less than the whole LLM
     assert "| lora-r16 |" in out.with_suffix(".md").read_text()

@@ -6,7 +6,9 @@ the default experiment's bridge recipe.
         --work runs/bridge-options                    # + one bridge and one held-in evaluation per option
 
 Options (bridge config keys): full (LLaVA-1.5: projector + the whole LLM), lora-r16 and lora-r128 (LoRA adapters on
-a frozen LLM, `stage2.lora_r`, at LLaVA-1.5's LoRA LR 2e-4; r 128 / alpha 256 is its published recipe).
+a frozen LLM, `stage2.lora_r`, at LLaVA-1.5's LoRA LR 2e-4; r 128 / alpha 256 is its published recipe), tokens-16
+(`image_size: 32`: a 64 px tower of patch 8 fed 32 px images, 16 visual tokens instead of 64; a standard LLaVA
+export cannot pool tokens, its tower can take smaller images).
 Measured beside them, not a key: the frozen tower's share of a stage-2 step, the most that computing its features
 once per image and reusing them could save.
 Step times: one process builds one model per option, times full optimizer steps on one fixed built-in batch, the
@@ -31,21 +33,21 @@ from benchmarks.bench.results import OutputExists, check_writable, write_results
 from ov2.cli import fail
 
 OPTIONS = {"full": {}, "lora-r16": {"stage2.lora_r": 16, "stage2.lr": 2e-4},
-           "lora-r128": {"stage2.lora_r": 128, "stage2.lr": 2e-4}}
+           "lora-r128": {"stage2.lora_r": 128, "stage2.lr": 2e-4}, "tokens-16": {"image_size": 32}}
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[1] / "runner" / "experiments" / "default.yaml"
 
 
 def _model(encoder: str, llm: str, option: dict):
     from bridge.config import BridgeConfig
     from bridge.lora import add_lora
-    from bridge.pipeline import build, datasets
+    from bridge.pipeline import SCENE_SIZE, build, datasets
 
-    cfg = BridgeConfig(encoder=encoder, llm=llm, out="unused")
+    cfg = BridgeConfig(encoder=encoder, llm=llm, out="unused", image_size=option.get("image_size", 0))
     model, processor, tower = build(cfg)
     if option.get("stage2.lora_r"):
         r = option["stage2.lora_r"]
         add_lora(model, r=r, alpha=2 * r, seed=0)
-    return model, processor, tower, datasets(cfg, tower.image_size)[1]
+    return model, processor, tower, datasets(cfg, max(tower.image_size, SCENE_SIZE))[1]
 
 
 def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progress: bool = True,
@@ -64,17 +66,17 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
         collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
         groups = trainable_groups(model, stage=2)
         params = [p for ps in groups.values() for p in ps]
-        models[name] = (model.train(), torch.optim.AdamW(params, lr=1e-7), sum(p.numel() for p in params))
-    fixed = collate([data[i] for i in range(batch)])
+        models[name] = (model.train(), torch.optim.AdamW(params, lr=1e-7), sum(p.numel() for p in params),
+                        collate([data[i] for i in range(batch)]))  # the same records, as each option tokenises them
     loss_fn = AnswerLoss()
     times: dict[str, list[float]] = {name: [] for name in [*names, "tower"]}
     for r in range(repeats + 1):  # round 0 warms every option up (optimizer state allocated, not timed)
-        for name, (model, opt, _) in models.items():
+        for name, (model, opt, _, fixed) in models.items():
             for _ in range(steps):
                 seconds = timed_step(model, opt, loss_fn, fixed, bf16)
                 if r:
                     times[name].append(seconds)
-        model = next(iter(models.values()))[0]
+        model, fixed = next(iter(models.values()))[0], next(iter(models.values()))[3]
         for _ in range(steps):  # the frozen tower alone, as a training step runs it (no gradient)
             start = time.perf_counter()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -86,8 +88,10 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
     full = statistics.median(times[names[0]])
     rows = [{"option": name, "median_s": statistics.median(ts), "min_s": min(ts), "n": len(ts),
              "ratio_to_full": statistics.median(ts) / full,
-             "trainable_params": models[name][2] if name in models else 0} for name, ts in times.items()]
-    return rows, {"bf16": bf16, "precision_reason": why, "tokens": int(fixed["attention_mask"].sum())}
+             "trainable_params": models[name][2] if name in models else 0,
+             "tokens": int(models.get(name, models[names[0]])[3]["attention_mask"].sum())}
+            for name, ts in times.items()]
+    return rows, {"bf16": bf16, "precision_reason": why, "tokens": rows[0]["tokens"]}
 
 
 def held_in_accuracy(encoder: str, work: Path, limit: int, progress: bool = True,
@@ -120,14 +124,13 @@ def held_in_accuracy(encoder: str, work: Path, limit: int, progress: bool = True
 def table(rows: list[dict], accuracy: dict | None, meta: dict) -> str:
     lines = [f"# Bridge options: {meta['llm']} + {meta['encoder']}, stage 2, batch {meta['batch']}", "",
              f"`{meta['command']}` on {meta['machine']} (CPU flags: {meta['flags']}; torch CPU capability "
-             f"{meta['capability']}; {meta['threads']} threads; precision: {meta['precision']}, "
-             f"{meta['tokens']} tokens per batch).", "",
-             f"| option | median s/step | min s/step | steps | ratio to {rows[0]['option']} | trainable params |",
-             "|---|---|---|---|---|---|"]
+             f"{meta['capability']}; {meta['threads']} threads; precision: {meta['precision']}).", "",
+             f"| option | median s/step | min s/step | steps | ratio to {rows[0]['option']} | trainable params | "
+             f"tokens per batch |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         label = "tower forward only (caching bound)" if r["option"] == "tower" else r["option"]
         lines.append(f"| {label} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['n']} | {r['ratio_to_full']:.2f} | "
-                     f"{r['trainable_params'] / 1e6:.1f} M |")
+                     f"{r['trainable_params'] / 1e6:.1f} M | {r['tokens']} |")
     if accuracy:
         tasks = list(next(iter(accuracy.values())))
         lines += ["", f"Held-in accuracy (primary metric ± stderr; n = {meta['limit']} per task):", "",

@@ -121,8 +121,9 @@ def make_loader(source, data_cfg, image_size: int, batch_size: int, seed: int, s
     if getattr(source, "streaming", False):
         from encoder.data.stream import stream_loader
 
+        # decoded at twice the crop size at least: a random crop keeps down to 40 % of the side before its resize
         return stream_loader(source, dict(batch_size=batch_size, seed=seed, transform=dataset.prepare,
-                                          collate=Collate(texts)), workers, start or None)
+                                          collate=Collate(texts), decode_size=2 * image_size), workers, start or None)
     sampler = ResumableBatchSampler(len(source), batch_size, seed, start)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=Collate(texts), num_workers=workers,

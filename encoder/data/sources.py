@@ -26,9 +26,13 @@ class BadSample(Exception):
     """A sample that cannot be used; str(err) is the reason counted in the metrics."""
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, at_least: int = 0) -> Image.Image:
+    """RGB image; with `at_least`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
+    sides at least that large: a web photo of a few megapixels decodes several times faster for a 224 px crop."""
     try:
         image = Image.open(io.BytesIO(data))
+        if at_least and image.format == "JPEG":
+            image.draft("RGB", (at_least, at_least))
         image.load()
         return image.convert("RGB")
     except Exception as err:  # PIL raises many types for broken files

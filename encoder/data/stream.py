@@ -100,7 +100,7 @@ def check_layout(saved: dict | None, now: dict) -> None:
                           f"resume with the same number of processes and data.workers, or start a new run")
 
 
-def _sample(raw: dict) -> dict:
+def _sample(raw: dict, at_least: int = 0) -> dict:
     image = next((raw[e] for e in IMAGE_EXTS if e in raw), None)
     if image is None:
         raise BadSample("missing_image")
@@ -108,12 +108,13 @@ def _sample(raw: dict) -> dict:
     if ext is None:
         raise BadSample("empty_caption")
     caption, alt = parse_text(raw[ext], ext)
-    return _checked(decode_image(image), caption, alt)
+    return _checked(decode_image(image, at_least), caption, alt)
 
 
-def shard_samples(url: str, skip: int = 0):
+def shard_samples(url: str, skip: int = 0, at_least: int = 0):
     """(sample dict | BadSample) for each sample of one shard in its order after the first `skip`; an unreadable
-    shard (or the rest of a cut one) yields one `BadSample("bad_shard")`."""
+    shard (or the rest of a cut one) yields one `BadSample("bad_shard")`. JPEGs are decoded no larger than needed
+    for `at_least` px (`decode_image`)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
     errors: list[Exception] = []
@@ -127,7 +128,7 @@ def shard_samples(url: str, skip: int = 0):
         if index < skip:
             continue
         try:
-            yield _sample(raw)
+            yield _sample(raw, at_least)
         except BadSample as err:
             yield err
     if errors:
@@ -143,8 +144,8 @@ class ShardStream(IterableDataset):
     `transform(image, rng) -> tensor` and `collate(items) -> batch` are the map-style loader's."""
 
     def __init__(self, source: StreamSource, batch_size: int, seed: int, transform, collate, workers: int,
-                 cursors: dict | None = None):
-        self.source, self.batch_size, self.seed = source, batch_size, seed
+                 cursors: dict | None = None, decode_size: int = 0):
+        self.source, self.batch_size, self.seed, self.decode_size = source, batch_size, seed, decode_size
         self.transform, self.collate = transform, collate
         self.workers = worker_count(source, workers)
         cursors = cursors or {}
@@ -165,7 +166,7 @@ class ShardStream(IterableDataset):
             read = cursor["shard"] or cursor["offset"]  # a resumed pass has read some already
             mine = self.shards(worker, cursor["epoch"])
             for s in range(cursor["shard"], len(mine)):
-                for sample in shard_samples(self.source.urls[mine[s]], cursor["offset"]):
+                for sample in shard_samples(self.source.urls[mine[s]], cursor["offset"], self.decode_size):
                     if isinstance(sample, BadSample) and str(sample) == "bad_shard":
                         shard_errors += 1  # counted with the next batch; it takes no place in it
                         continue

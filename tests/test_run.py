@@ -162,6 +162,40 @@ def test_two_process_training_under_the_scale_out_option(tiny_llm, tmp_path):
     assert results.query("task == 'ov2_pope' and metric == 'accuracy'")["n"].tolist() == [5]
 
 
+def test_two_machines_meet_in_every_distributed_stage(tiny_llm, tmp_path):
+    """`nnodes: 2` played on one machine: node 1 starts first and waits; node 0 runs the plan and writes everything;
+    pretraining, the bridge and lmms-eval each run as one process per node, meeting at `master`."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tree = experiment(tiny_llm, a={"preset": "ov2-micro"})
+    tree.update(nnodes=2, master=f"127.0.0.1:{port}", encoder_eval={"enabled": False},
+                eval={"tasks": ["ov2_pope"], "limit": 5})
+    exp, run = write(tmp_path, tree), tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    follower = subprocess.Popen([sys.executable, "-m", "ov2", "run", exp, "--out", str(run), "--node-rank", "1"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        res = run_cli("run", exp, "--out", str(run), timeout=900)
+        _, follower_err = follower.communicate(timeout=300)
+    finally:
+        follower.kill()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert follower.returncode == 0, follower_err[-3000:]
+    for stage in ("pretrain", "bridge", "eval"):
+        folder = run / "encoders" / "a" / stage
+        log = (folder / "stage.log").read_text()
+        assert "--nnodes=2" in log and "--node_rank=0" in log, stage
+        assert "--node_rank=1" in folder.with_name(f"{stage}.node1.log").read_text(), stage  # node 1's own log
+    assert not (run / "encoders" / "a" / "export.node1.log").exists()  # node 0 alone runs the rest
+    samples = (run / "encoders" / "a" / "eval" / "samples" / "ov2_pope.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["doc_id"] for line in samples) == [0, 1, 2, 3, 4]
+    bad = run_cli("run", exp, "--out", str(run), "--node-rank", "2", timeout=120)
+    assert bad.returncode == 2 and "--node-rank 2" in bad.stderr
+
+
 @pytest.mark.parametrize("tree, message", [
     ({"name": "x"}, "encoders"),
     ({"encoders": {"a": {"preset": "ov2-micro", "checkpoint": "x"}}}, "exactly one"),

@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan (stages, keys, commands) and stop")
     parser.add_argument("--no-report", action="store_true", help="do not build RUN/report/index.html")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out that is not an ov2 run")
+    parser.add_argument("--node-rank", type=int, default=0, metavar="R",
+                        help="this machine's place in a multi-node run (`nnodes:` > 1 in the experiment; --out on a "
+                             "filesystem every machine shares): 0 runs the plan and writes everything, 1..nnodes-1 "
+                             "start the same command with their rank and join each distributed stage")
     args = parser.parse_args(argv)
 
     from benchmarks.runner import results
@@ -99,13 +103,26 @@ def main(argv: list[str] | None = None) -> int:
     prog = "ov2 run"
     try:
         exp = load(args.experiment, quick=args.quick)
+        if not 0 <= args.node_rank < exp.nnodes:
+            return fail(prog, f"--node-rank {args.node_rank} is not one of the experiment's {exp.nnodes} machine(s) "
+                              f"(0..{exp.nnodes - 1}; nnodes: in the experiment file)")
+        exp.node_rank = args.node_rank
         out = Path(args.out or f"runs/{exp.name}{'-quick' if args.quick else ''}").absolute()
-        problem = _check_out(out, args.force)
+        problem = None if args.node_rank else _check_out(out, args.force)
         if problem:
             return fail(prog, problem)
         stages = build_plan(exp, out)  # checks every override on its stage's real config
     except ConfigError as err:  # an ExperimentError too
         return fail(prog, err)
+    if args.node_rank and not args.dry_run:
+        from benchmarks.runner.execute import follow
+
+        print(f"ov2 run: {exp.name}: node {args.node_rank} of {exp.nnodes}, joining the distributed stages of {out}",
+              file=sys.stderr, flush=True)
+        try:
+            return follow(stages, args.node_rank)
+        except KeyboardInterrupt:
+            return 130
     if args.dry_run:
         for i, st in enumerate(stages):
             print(f"{i + 1:>3}  {st.id:<28} key {st.key}  {' '.join(st.command)}")

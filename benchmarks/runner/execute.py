@@ -211,3 +211,46 @@ def _record_failure(stage: Stage, err: OSError) -> None:
                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     except OSError:
         pass
+
+
+FINAL = ("ok", "failed", "skipped", "interrupted")
+
+
+def _final(stage: Stage, wait_s: float, poll_s: float = 2.0) -> str | None:
+    """The state node 0 gave `stage` once final (its key matching), waiting up to `wait_s`; None if it never came."""
+    deadline = time.time() + wait_s
+    while True:
+        status, meta = read_status(stage.folder), _stage_meta(stage)
+        if status and meta and meta.get("key") == stage.key and status.get("state") in FINAL:
+            return status["state"]
+        if time.time() >= deadline:
+            return None
+        time.sleep(poll_s)
+
+
+def follow(stages: list[Stage], node_rank: int, wait_s: float = 24 * 3600) -> int:
+    """A machine other than node 0 of a multi-node run: take part in each distributed stage (torchrun meets node 0's
+    processes), in the plan's order, once node 0 has finished what it reads; write nothing of the run's (node 0
+    owns every status, result and report; this machine's output goes beside the stage folder, STAGE.node{R}.log, as
+    a stage folder holds only what its command writes). -> exit code."""
+    from benchmarks.runner.plan import distributed
+
+    by_id, failed = {s.id: s for s in stages}, 0
+    for i, stage in enumerate(stages):
+        head = f"[{i + 1}/{len(stages)}] {stage.encoder} · {stage.name}"
+        if not distributed(stage):
+            continue  # node 0 runs it alone
+        states = {d: _final(by_id[d], wait_s) for d in stage.deps}
+        if any(state != "ok" for state in states.values()):
+            print(f"{head}: skipped on node {node_rank} (upstream: {states})", file=sys.stderr, flush=True)
+            continue
+        status, meta = read_status(stage.folder), _stage_meta(stage)
+        if status and meta and meta.get("key") == stage.key and status.get("state") == "ok":
+            continue  # done before: node 0 skips it too
+        print(f"{head}: joining on node {node_rank}", file=sys.stderr, flush=True)
+        stage.folder.parent.mkdir(parents=True, exist_ok=True)
+        code, _, tail = _spawn(stage, stage.folder.with_name(f"{stage.folder.name}.node{node_rank}.log"))
+        if code:
+            failed += 1
+            print(f"{head}: FAILED on node {node_rank} (exit {code}): {_last_line(tail)}", file=sys.stderr, flush=True)
+    return 1 if failed else 0

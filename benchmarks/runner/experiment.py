@@ -4,6 +4,8 @@
     paper: llava15_openvision2          # reports/reference/<name>.csv, shown beside ours in the report
     seeds: [0]
     nproc: 1                            # > 1: training and evaluation run under torchrun --nproc_per_node N
+    nnodes: 1                           # > 1: on that many machines (static rendezvous at `master`), each started
+    master: ""                          #   with `ov2 run EXP --node-rank R` (0 runs the plan; the others join it)
     pretrain: {data.workers: 1}         # overrides applied to every encoder trained from a preset
     encoders:
       ov2:  {preset: ov2-tiny, overrides: {stages.0.steps: 200}}
@@ -105,7 +107,10 @@ class Experiment:
     eval: EvalSpec = field(default_factory=EvalSpec)
     encoder_eval: EncoderEvalSpec = field(default_factory=EncoderEvalSpec)
     seeds: list[int] = field(default_factory=lambda: [0])
-    nproc: int = 1
+    nproc: int = 1  # processes per machine
+    nnodes: int = 1  # machines; > 1 needs `master`
+    master: str = ""  # HOST:PORT of node 0, where every distributed stage meets (torchrun --master_addr/--master_port)
+    node_rank: int = 0  # this machine's place among nnodes: set by `ov2 run --node-rank`, never in a file
     paper: str | None = None
     report: bool = True
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
@@ -130,6 +135,9 @@ def from_dict(tree: dict, quick: bool = False) -> Experiment:
         if not isinstance(tree.get("quick") or {}, dict):
             raise ExperimentError(f"quick: expected a mapping, got {tree['quick']!r}")
         tree = merge({k: v for k, v in tree.items() if k != "quick"}, tree.get("quick") or {})
+    if tree.get("node_rank"):
+        raise ExperimentError("node_rank is each machine's own: give it as `ov2 run EXP --node-rank R`, not in the "
+                              "file")
     encoders = tree.get("encoders")
     if not isinstance(encoders, dict) or not encoders:
         raise ExperimentError("encoders: give at least one, as a mapping name -> {preset|checkpoint|transformers|"
@@ -153,6 +161,11 @@ def from_dict(tree: dict, quick: bool = False) -> Experiment:
         raise ExperimentError(f"seeds: expected a non-empty list of distinct non-negative integers, got {exp.seeds!r}")
     if exp.nproc < 1:
         raise ExperimentError(f"nproc must be at least 1, got {exp.nproc}")
+    if exp.nnodes < 1:
+        raise ExperimentError(f"nnodes must be at least 1, got {exp.nnodes}")
+    if exp.nnodes > 1 and not re.fullmatch(r"[^:\s]+:\d{1,5}", exp.master):
+        raise ExperimentError(f"nnodes: {exp.nnodes} machines need master: HOST:PORT (node 0's address), got "
+                              f"{exp.master!r}")
     if not exp.eval.tasks or not all(exp.eval.tasks):
         raise ExperimentError(f"eval.tasks: expected a non-empty list of task names, got {exp.eval.tasks!r}")
     twice = sorted({t for t in exp.eval.tasks if exp.eval.tasks.count(t) > 1})

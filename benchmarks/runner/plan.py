@@ -175,12 +175,23 @@ def check_inputs(exp: Experiment) -> None:
                           "be lmms-eval task names (python -m lmms_eval tasks list)")
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def distributed(stage: Stage) -> bool:
+    """A stage every machine of a multi-node run takes part in (the others run on node 0 alone)."""
+    return stage.command[:3] == TORCHRUN
+
+
 def launch(exp: Experiment, command: str, module: str) -> list[str]:
     """How a stage starts: `ov2 COMMAND`, or with `nproc` > 1 torchrun over `python -m MODULE` (training: DDP/FSDP2
     or the bridge's averaged gradients; evaluation: lmms-eval's torchrun backend shares out the questions)."""
+    if exp.nnodes > 1:  # every machine runs the same command with its own --node_rank (torchrun's static rendezvous)
+        host, port = exp.master.rsplit(":", 1)
+        return [*TORCHRUN, f"--nnodes={exp.nnodes}", f"--node_rank={exp.node_rank}", f"--master_addr={host}",
+                f"--master_port={port}", f"--nproc_per_node={exp.nproc}", "-m", *module.split()]
     if exp.nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={exp.nproc}",
-                "-m", *module.split()]
+        return [*TORCHRUN, "--standalone", f"--nproc_per_node={exp.nproc}", "-m", *module.split()]
     return [*OV2, *command.split()]
 
 
@@ -208,7 +219,8 @@ class _Stages(list):
         """The LLaVA bridge of `tower` (the experiment's one recipe, plus `extra` bridge keys) and its evaluation."""
         exp, root = self.exp, self.root
         bridge_args = {**bridge_overrides(exp, tower, root / "bridge"), **(extra or {}), "seed": self.seed}
-        bridge = self.add("bridge", config_key("bridge", exp.bridge.llm, bridge_args, tower_key, exp.nproc),
+        world = exp.nproc * exp.nnodes
+        bridge = self.add("bridge", config_key("bridge", exp.bridge.llm, bridge_args, tower_key, world),
                           [*launch(exp, "bridge train", "bridge train"), "--encoder", tower, "--llm", exp.bridge.llm,
                            "--out", str(root / "bridge"), *_args(bridge_args)], tower_deps, resumable=True)
         ev = exp.eval
@@ -224,7 +236,7 @@ def _encoder_stages(exp: Experiment, enc: EncoderSpec, seed: int, run_dir: Path)
     ours_path, src_key, upstream, tower_deps = None, "", [], []
     if enc.source == "preset":
         overrides = {**pretrain_overrides(exp, enc), "seed": seed}
-        key = config_key("pretrain", enc.preset, overrides, exp.nproc)
+        key = config_key("pretrain", enc.preset, overrides, exp.nproc * exp.nnodes)
         pre = stages.add("pretrain", key, pretrain_command(exp, overrides, enc.preset, root / "pretrain", False), [],
                          resumable=True)
         ours_path, src_key, upstream = str(pre.folder), pre.key, [pre]

@@ -98,7 +98,7 @@ def _stage_bounds(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 def _model_inputs(batch: dict, device: torch.device) -> dict:
     """Every batch entry but the counters, tensors moved to the device; models take what they need (**kwargs)."""
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
             if k not in ("seen", "bad", "stream")}
 
 

@@ -68,7 +68,7 @@ def run_steps(module, optimizer, cfg: LoopConfig, *, state: dict, end: int,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     while state["step"] < end:
         lr = set_lr(state["step"])
-        terms_sum: dict[str, float] = {}
+        terms_sum: dict[str, torch.Tensor | float] = {}
         for micro in range(cfg.grad_accum):
             inputs = batch(state["step"], micro)
             last = micro == cfg.grad_accum - 1
@@ -77,8 +77,9 @@ def run_steps(module, optimizer, cfg: LoopConfig, *, state: dict, end: int,
             with _gradient_sync(module, last), autocast:
                 terms = loss(inputs)
             (terms["loss"] / cfg.grad_accum).backward()
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            for k, v in terms.items():  # on the device: no host sync per micro-step
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+        terms_sum = {k: float(v) for k, v in terms_sum.items()}  # one sync per optimizer step
         if before_step is not None:  # e.g. averaging gradients over ranks for a model that DDP does not wrap
             before_step()
         if any_rank(not math.isfinite(terms_sum["loss"])):  # skip the step on every rank

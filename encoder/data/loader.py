@@ -129,4 +129,5 @@ def make_loader(source, data_cfg, image_size: int, batch_size: int, seed: int, s
         dataset, batch_sampler=sampler, collate_fn=Collate(texts), num_workers=workers,
         # a private generator: creating the iterator must not consume the global torch RNG (exact resume)
         generator=torch.Generator(), persistent_workers=False, prefetch_factor=4 if workers else None,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU overlaps compute
     )

@@ -201,4 +201,4 @@ def stream_loader(source: StreamSource, dataset_kwargs: dict, workers: int, curs
     dataset = ShardStream(source, workers=workers, cursors=cursors, **dataset_kwargs)
     n = dataset.workers if workers > 0 else 0
     return DataLoader(dataset, batch_size=None, num_workers=n, generator=torch.Generator(),
-                      persistent_workers=False, prefetch_factor=2 if n else None)
+                      persistent_workers=False, prefetch_factor=2 if n else None, pin_memory=torch.cuda.is_available())

@@ -21,7 +21,7 @@ from ov2.precision import check_bf16
 
 DEFAULT_LR = {1: 1e-3, 2: 2e-5}
 # what a rerun may change: how often a stage saves, how it reports, when it gives up on non-finite losses ...
-RESUME_SAFE = ("ckpt_every", "keep_last", "nan_patience", "max_bad_fraction", "progress")
+RESUME_SAFE = ("ckpt_every", "keep_last", "nan_patience", "max_bad_fraction", "workers", "progress")
 # ... and, for the whole run, where it is, how much it evaluates and where it trains
 RUN_RESUME_SAFE = (*RESUME_SAFE, "out", "eval_samples", "device")
 RENAMED = {"save_every": "ckpt_every"}  # older key names in saved configs -> today's
@@ -64,6 +64,8 @@ class LlavaStageConfig:
     keep_last: int = 2
     nan_patience: int = 5  # stop after this many non-finite steps in a row
     max_bad_fraction: float = 0.05  # stop when more than this fraction of the records read so far was unusable
+    workers: int = 0  # DataLoader processes building the batches (images, chat template, tokens) ahead of the
+    #                   step; 0: in the training process (a 2-core CPU has no core to spare)
     progress: bool = True
 
     def __post_init__(self):
@@ -81,6 +83,8 @@ def validate_stage(cfg: LlavaStageConfig, name: str = "stage") -> LlavaStageConf
     for key in ("steps", "batch_size", "grad_accum", "ckpt_every", "keep_last", "nan_patience"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{name}.{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.workers < 0:
+        raise ConfigError(f"{name}.workers must be 0 (in the training process) or more, got {cfg.workers}")
     if cfg.lora_r < 0 or (cfg.lora_r and cfg.stage != 2):
         raise ConfigError(f"{name}.lora_r: LoRA adapters are for stage 2 only, with r >= 1 (0: off), got {cfg.lora_r}")
     if cfg.lora_r and cfg.lora_alpha is None:

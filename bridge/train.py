@@ -90,6 +90,43 @@ def latest_weights(out_dir: str | Path) -> Path | None:
     return found[0] / core.WEIGHTS if found else None
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Micro-batch k of a rank (k = step x grad_accum + micro): its records drawn by `order`, collated. A pure
+    function of k, so DataLoader workers can build them ahead and a resumed stage sees the same batches."""
+
+    def __init__(self, dataset, collate, order: SampleOrder, batch_size: int, rank: int, world: int):
+        self.dataset, self.collate, self.order = dataset, collate, order
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> tuple[int, dict]:
+        first = k * self.batch_size
+        return k, self.collate([self.dataset[self.order(first + j)] for j in range(self.rank, self.batch_size,
+                                                                                     self.world)])
+
+
+class _From(torch.utils.data.Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            yield k
+            k += 1
+
+
+def batch_loader(dataset, collate, order: SampleOrder, cfg: LlavaStageConfig, step: int, rank: int, world: int):
+    """The stage's micro-batches from `step` on, built by `cfg.workers` DataLoader processes (0: in this one)."""
+    data = StepBatches(dataset, collate, order, cfg.batch_size, rank, world)
+    return torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=_From(step * cfg.grad_accum), num_workers=cfg.workers,
+        prefetch_factor=2 if cfg.workers else None, persistent_workers=False, generator=torch.Generator(),
+        pin_memory=torch.cuda.is_available())
+
+
 def train_stage(model, dataset, collate, cfg: LlavaStageConfig, out_dir: str | Path, *,
                 stop_after: int | None = None, inputs: tuple = ()) -> dict:
     """Train one stage in place on `model`; -> summary dict. `stop_after` ends early (as an interruption would).
@@ -155,11 +192,13 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
         raise ConfigError(f"stage{cfg.stage}.batch_size {cfg.batch_size} does not split over {world} processes")
     trainable = [p for p in model.parameters() if p.requires_grad]
 
+    batches = iter(batch_loader(dataset, collate, order, cfg, step, rank, world))
+
     def batch(step: int, micro: int) -> dict:  # this rank's share of the global batch
-        first = (step * cfg.grad_accum + micro) * cfg.batch_size
-        items = collate([dataset[order(first + j)] for j in range(rank, cfg.batch_size, world)])
+        index, items = next(batches)
+        assert index == step * cfg.grad_accum + micro, (index, step, micro)  # the loader follows the loop
         count_skipped(items.pop("records", 0), items.pop("skipped", {}))
-        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in items.items()}
+        return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in items.items()}
 
     def count_skipped(records: int, skipped: dict) -> None:  # missing / unreadable images: skipped and counted
         state["seen"] = state.get("seen", 0) + records

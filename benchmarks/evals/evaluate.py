@@ -109,11 +109,14 @@ def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int,
 
 def load_model(model_dir: str | Path, batch_size: int = 1):
     """lmms-eval's `llava_hf` (the class its registry resolves the name to, with `loglikelihood` replaced: see
-    llava_hf_class) on the folder, on CUDA if present (under torchrun: this process's GPU)."""
+    llava_hf_class) on the folder, on CUDA if present (under torchrun: this process's GPU), in bf16 there when the
+    GPU has it, float32 on a CPU."""
     import torch
 
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    args = f"pretrained={Path(model_dir).resolve()},device={device},device_map={device}"
+    # bf16 where the GPU multiplies it natively (the export is float32; LLaVA evaluates in half precision)
+    dtype = "bfloat16" if device != "cpu" and torch.cuda.is_bf16_supported() else "float32"
+    args = f"pretrained={Path(model_dir).resolve()},device={device},device_map={device},dtype={dtype}"
     return llava_hf_class().create_from_arg_string(args, {"batch_size": batch_size})
 
 

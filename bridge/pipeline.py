@@ -98,7 +98,11 @@ def build(cfg: BridgeConfig):
 
 
 def datasets(cfg: BridgeConfig, image_size: int):
+    """(stage 1, stage 2) records for a tower taking `image_size` px; built-in scenes are drawn at SCENE_SIZE at
+    least, as the suite draws them, and the processor resizes them."""
     from bridge.data import LlavaJsonDataset, SynthCaptions, SynthInstructions, TaskMix
+
+    image_size = max(image_size, SCENE_SIZE)
 
     def pick(spec: str, synth, root: str | None):
         return synth if spec == "synth" else LlavaJsonDataset(spec, root)
@@ -135,7 +139,7 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     local = dist.setup()  # joins the process group under torchrun; cuda:LOCAL_RANK when there is a GPU
     device = local if cfg.device == "auto" else _device(cfg.device)
     model, processor, tower = build(cfg)  # a bad --encoder or --llm fails here, before anything is written
-    data1, data2 = datasets(cfg, max(tower.image_size, SCENE_SIZE))
+    data1, data2 = datasets(cfg, tower.image_size)
     collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
     key = runfolder.config_key(asdict(cfg))
     summary = {"encoder": cfg.encoder, "llm": cfg.llm}

@@ -17,6 +17,7 @@ The sample order is a pure function of (seed, step), so a resumed run sees exact
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -107,22 +108,11 @@ class StepBatches(torch.utils.data.Dataset):
                                                                                      self.world)])
 
 
-class _From(torch.utils.data.Sampler):
-    def __init__(self, start: int):
-        self.start = start
-
-    def __iter__(self):
-        k = self.start
-        while True:
-            yield k
-            k += 1
-
-
 def batch_loader(dataset, collate, order: SampleOrder, cfg: LlavaStageConfig, step: int, rank: int, world: int):
     """The stage's micro-batches from `step` on, built by `cfg.workers` DataLoader processes (0: in this one)."""
     data = StepBatches(dataset, collate, order, cfg.batch_size, rank, world)
     return torch.utils.data.DataLoader(
-        data, batch_size=None, sampler=_From(step * cfg.grad_accum), num_workers=cfg.workers,
+        data, batch_size=None, sampler=itertools.count(step * cfg.grad_accum), num_workers=cfg.workers,
         prefetch_factor=2 if cfg.workers else None, persistent_workers=False, generator=torch.Generator(),
         pin_memory=torch.cuda.is_available())
 

@@ -150,8 +150,9 @@ class Trainer:
         self.source = source.split(dist.rank(), dist.world_size())
         self.streaming = getattr(self.source, "streaming", False)  # shards: per-rank cursors (encoder.data.stream)
         self.stream: dict = {"batches": 0, "workers": {}}
+        self.layout = stream_layout(self.source, cfg.data.workers) if self.streaming else None
         if self.streaming and self.bundle is not None:
-            self.stream = _stream_position(self.bundle, stream_layout(self.source, cfg.data.workers))
+            self.stream = _stream_position(self.bundle, self.layout)
         self.empty_tries = 0
         self.metrics: runfolder.MetricsLog | None = None
 
@@ -190,7 +191,7 @@ class Trainer:
         """What this rank saves of its own: a shard stream's cursors and the split they belong to."""
         if not self.streaming:
             return {}
-        return {"stream": self.stream, "layout": stream_layout(self.source, self.cfg.data.workers)}
+        return {"stream": self.stream, "layout": self.layout}
 
     # --- the loop --------------------------------------------------------------------------------------
 

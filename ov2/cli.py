@@ -61,6 +61,14 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(fail(self.prog, message))
 
 
+def doc_parser(prog: str, doc: str) -> ArgumentParser:
+    """A command's parser whose --help is its module docstring: the first paragraph as the description, the rest
+    (usage lines, details) as the epilog, line breaks kept."""
+    paragraphs = doc.split("\n\n")
+    return ArgumentParser(prog=prog, description=paragraphs[0], epilog="\n\n".join(paragraphs[1:]),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def positive(kind=int, zero: bool = False):
     """An argparse type: a finite number > 0 (>= 0 with `zero`), else one line naming the value."""
     def parse(text: str):

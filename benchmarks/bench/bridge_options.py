@@ -40,14 +40,14 @@ DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[1] / "runner" / "experimen
 def _model(encoder: str, llm: str, option: dict):
     from bridge.config import BridgeConfig
     from bridge.lora import add_lora
-    from bridge.pipeline import SCENE_SIZE, build, datasets
+    from bridge.pipeline import build, datasets
 
     cfg = BridgeConfig(encoder=encoder, llm=llm, out="unused", image_size=option.get("image_size", 0))
     model, processor, tower = build(cfg)
     if option.get("stage2.lora_r"):
         r = option["stage2.lora_r"]
         add_lora(model, r=r, alpha=2 * r, seed=0)
-    return model, processor, tower, datasets(cfg, max(tower.image_size, SCENE_SIZE))[1]
+    return model, processor, tower, datasets(cfg, tower.image_size)[1]
 
 
 def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progress: bool = True,
@@ -86,10 +86,11 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
         if progress:
             print(f"round {r}/{repeats} done", file=sys.stderr)
     full = statistics.median(times[names[0]])
+    tokens = {name: int(batch["attention_mask"].sum()) for name, (*_, batch) in models.items()}
+    tokens["tower"] = tokens[names[0]]  # the tower row runs on the first option's batch
     rows = [{"option": name, "median_s": statistics.median(ts), "min_s": min(ts), "n": len(ts),
              "ratio_to_full": statistics.median(ts) / full,
-             "trainable_params": models[name][2] if name in models else 0,
-             "tokens": int(models.get(name, models[names[0]])[3]["attention_mask"].sum())}
+             "trainable_params": models[name][2] if name in models else 0, "tokens": tokens[name]}
             for name, ts in times.items()]
     return rows, {"bf16": bf16, "precision_reason": why, "tokens": rows[0]["tokens"]}
 

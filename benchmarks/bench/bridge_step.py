@@ -13,16 +13,14 @@ Writes NAME.md and NAME.json (default benchmarks/results/bridge_step_cpu) and ne
 
 from __future__ import annotations
 
-import argparse
-import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench.results import RESULTS, OutputExists, check_writable, write_results
-from ov2.cli import ArgumentParser, fail
+from benchmarks.bench.results import OutputExists, check_writable, out_options, write_results
+from ov2.cli import ArgumentParser, doc_parser, fail
 
 
 def cpu_flags() -> str:
@@ -49,16 +47,13 @@ def timed_step(model, opt, loss_fn, batch: dict, bf16: bool) -> float:
 
 def bench_parser(prog: str, doc: str, out: str, unit: str) -> ArgumentParser:
     """The options every bridge benchmark takes (encoder, LLM, batch, steps, rounds, --out NAME, --force)."""
-    parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="\n\n".join(doc.split("\n\n")[1:]))
+    parser = doc_parser(prog, doc)
     parser.add_argument("--encoder", default="preset:ov2-tiny", help="any bridge encoder (default preset:ov2-tiny)")
     parser.add_argument("--llm", default="smollm2", help="the LLM (default smollm2)")
     parser.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the default experiment's)")
     parser.add_argument("--steps", type=int, default=2, help=f"timed steps per {unit} per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds (after one warm-up round)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, out), help="NAME: writes NAME.md, NAME.json")
-    parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
+    out_options(parser, out)
     return parser
 
 

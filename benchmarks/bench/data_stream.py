@@ -26,8 +26,8 @@ import sys
 import tarfile
 import time
 
-from benchmarks.bench.results import RESULTS, ROOT, check_writable, markdown_table, write_results
-from ov2.cli import ArgumentParser, fail, positive
+from benchmarks.bench.results import ROOT, check_writable, markdown_table, out_options, write_results
+from ov2.cli import doc_parser, fail, positive
 
 
 def _png(seed: int) -> bytes:
@@ -97,9 +97,7 @@ def _run_one(pattern: str, workers: int, batches: int, batch_size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     prog = "ov2 bench data"
-    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = doc_parser(prog, __doc__)
     parser.add_argument("--sizes", default="100000,1000000", help="samples per set, comma-separated")
     parser.add_argument("--workers", default="1,2", help="data workers per rank to measure, comma-separated")
     parser.add_argument("--batches", type=positive(), default=100, help="timed batches per run (default 100)")
@@ -107,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive(), default=3, help="runs per row, median kept (default 3)")
     parser.add_argument("--per-shard", type=positive(), default=10_000, help="samples per shard (default 10000)")
     parser.add_argument("--work", default="runs/bench-data", help="where the shard sets are written (kept)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "data_stream_cpu"), help="NAME: NAME.md, NAME.json")
-    parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
+    out_options(parser, "data_stream_cpu")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     if a.measure:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench.results import RESULTS
-from ov2.cli import ArgumentParser, fail
+from ov2.cli import doc_parser, fail
 
 PY = [sys.executable]
 
@@ -123,9 +123,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="gpu-check", description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = doc_parser("gpu-check", __doc__)
     parser.add_argument("--out", default=os.path.join(RESULTS, "gpu_check"), help="the results folder")
     parser.add_argument("--only", default="", help="comma list of checks to run (default: all)")
     parser.add_argument("--pretrain-l14", metavar="OUT", help=argparse.SUPPRESS)

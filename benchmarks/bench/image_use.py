@@ -11,13 +11,12 @@ Writes NAME.md and NAME.json (default benchmarks/results/image_use_cpu), never o
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 
-from benchmarks.bench.results import RESULTS, check_writable, markdown_table, write_results
-from ov2.cli import ArgumentParser, fail, positive
+from benchmarks.bench.results import check_writable, markdown_table, out_options, write_results
+from ov2.cli import doc_parser, fail, positive
 
 SHUFFLE = 7  # the shuffled image of question i is question (i + 7)'s
 
@@ -48,15 +47,12 @@ def score(model, processor, records: list[dict], shuffled: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     prog = "ov2 bench image-use"
-    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = doc_parser(prog, __doc__)
     parser.add_argument("models", nargs="+", help="exported LLaVA folders (a bridge run's model/)")
     parser.add_argument("--task", default="ov2_gqa", help="built-in task whose colour and shape questions are asked "
                         "(default ov2_gqa, held-in in the default experiment; ov2_gqa_unseen: held-out scenes)")
     parser.add_argument("--n", type=positive(), default=80, help="questions (default 80)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "image_use_cpu"), help="NAME: NAME.md, NAME.json")
-    parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
+    out_options(parser, "image_use_cpu")
     a = parser.parse_args(argv)
     from benchmarks.evals.suite.tasks import TASKS
 

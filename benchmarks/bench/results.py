@@ -17,6 +17,12 @@ class OutputExists(ValueError):
     """A result file is already there and --force was not given."""
 
 
+def out_options(parser, name: str) -> None:
+    """--out NAME (default benchmarks/results/NAME) and --force: the options of a benchmark that writes NAME.md."""
+    parser.add_argument("--out", default=os.path.join(RESULTS, name), help="NAME: writes NAME.md, NAME.json")
+    parser.add_argument("--force", action="store_true", help="replace existing NAME.md / NAME.json")
+
+
 def result_paths(out_dir: str, name: str, formats: tuple[str, ...] = ("csv", "md")) -> list[str]:
     return [os.path.join(out_dir, f"{name}.{suffix}") for suffix in formats]
 

@@ -127,11 +127,17 @@ def _spawn(stage: Stage, log_path: Path) -> tuple[int, float, str]:
     return proc.returncode, round(usage.ru_maxrss / 1024.0, 1), tail.decode(errors="replace")
 
 
+def _keyed_status(stage: Stage) -> tuple[dict | None, dict | None]:
+    """(the stage folder's meta, its status when that meta is this stage's key, else None)."""
+    meta, status = _stage_meta(stage), read_status(stage.folder)
+    return meta, status if meta and meta.get("key") == stage.key else None
+
+
 def run_stage(stage: Stage, position: str, started: float) -> dict:
     """Run (or skip) one stage; -> its final status."""
-    meta, status = _stage_meta(stage), read_status(stage.folder)
+    meta, status = _keyed_status(stage)
     head = f"[{position}] {stage.encoder} · {stage.name}"
-    if meta and meta.get("key") == stage.key and status and status.get("state") == "ok":
+    if status and status.get("state") == "ok":
         print(f"{head}: done before (key {stage.key}), skipped", file=sys.stderr, flush=True)
         return {**status, "cached": True}
     restored = _restore(stage)
@@ -173,10 +179,9 @@ def run_stage(stage: Stage, position: str, started: float) -> dict:
 
 
 def mark_skipped(stage: Stage, reason: str, position: str) -> dict:
-    status = read_status(stage.folder)
-    meta = _stage_meta(stage)
+    meta, status = _keyed_status(stage)
     print(f"[{position}] {stage.encoder} · {stage.name}: skipped ({reason})", file=sys.stderr, flush=True)
-    if status and meta and meta.get("key") == stage.key and status.get("state") == "ok":
+    if status and status.get("state") == "ok":
         return {**status, "cached": True}
     if stage.folder.exists() and (meta is None or meta.get("key") != stage.key):
         _supersede(stage, (meta or {}).get("key", "unknown"))
@@ -220,8 +225,8 @@ def _final(stage: Stage, wait_s: float, poll_s: float = 2.0) -> str | None:
     """The state node 0 gave `stage` once final (its key matching), waiting up to `wait_s`; None if it never came."""
     deadline = time.time() + wait_s
     while True:
-        status, meta = read_status(stage.folder), _stage_meta(stage)
-        if status and meta and meta.get("key") == stage.key and status.get("state") in FINAL:
+        status = _keyed_status(stage)[1]
+        if status and status.get("state") in FINAL:
             return status["state"]
         if time.time() >= deadline:
             return None
@@ -244,8 +249,7 @@ def follow(stages: list[Stage], node_rank: int, wait_s: float = 24 * 3600) -> in
         if any(state != "ok" for state in states.values()):
             print(f"{head}: skipped on node {node_rank} (upstream: {states})", file=sys.stderr, flush=True)
             continue
-        status, meta = read_status(stage.folder), _stage_meta(stage)
-        if status and meta and meta.get("key") == stage.key and status.get("state") == "ok":
+        if (_keyed_status(stage)[1] or {}).get("state") == "ok":
             continue  # done before: node 0 skips it too
         print(f"{head}: joining on node {node_rank}", file=sys.stderr, flush=True)
         stage.folder.parent.mkdir(parents=True, exist_ok=True)

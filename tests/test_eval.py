@@ -223,3 +223,40 @@ def test_one_pass_option_scores_equal_one_pass_per_option(evaluated):
     scale = max(abs(n) for n, _ in slow)
     assert [n for n, _ in fast] == pytest.approx([n for n, _ in slow], abs=1e-4 * scale)
     assert [g for _, g in fast] == [g for _, g in slow]
+
+
+def test_a_group_is_reported_per_subtask(evaluated, tmp_path):
+    """An lmms-eval group (here a user's, from --include: two built-in tasks under other names) gets one entry per
+    subtask, each equal to the same task evaluated alone, and one for the group's own aggregate (lmms-eval's)."""
+    from benchmarks.evals.evaluate import TASKS_DIR, main
+
+    root, _ = evaluated
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name in ("_default_template_ov2_mc_yaml", "utils.py"):
+        (tasks / name).write_text((TASKS_DIR / name).read_text())
+    for name in ("ov2_pope", "ov2_seed"):
+        text = (TASKS_DIR / f"{name}.yaml").read_text().replace(f"task: {name}", f"task: mine_{name[4:]}")
+        text = text.replace(f"dataset_path: ov2_data/{name}", f"dataset_path: {root / 'data' / name}")
+        (tasks / f"mine_{name[4:]}.yaml").write_text(text)
+    (tasks / "mine.yaml").write_text("group: mine\ntask: [mine_pope, mine_seed]\naggregate_metric_list:\n"
+                                     "  - metric: accuracy\n    aggregation: mean\n    weight_by_size: true\n")
+    out = tmp_path / "out"
+    assert main([str(root / "model"), "--tasks", "mine", "--include", str(tasks), "--limit", str(LIMIT),
+                 "--out", str(out)]) == 0
+    scores = json.loads((out / "scores.json").read_text())["tasks"]
+    assert set(scores) == {"mine", "mine_pope", "mine_seed"}
+    alone = json.loads((root / "out" / "scores.json").read_text())["tasks"]
+    for name in ("pope", "seed"):
+        entry = scores[f"mine_{name}"]
+        assert entry["status"] == "ok" and entry["group"] == "mine" and entry["n"] == LIMIT
+        assert entry["metrics"]["accuracy"]["value"] == alone[f"ov2_{name}"]["metrics"]["accuracy"]["value"]
+        same = [json.loads(x)["prediction"] for x in (out / "samples" / f"mine_{name}.jsonl").read_text().splitlines()]
+        assert same == [json.loads(x)["prediction"]
+                        for x in (root / "out" / "samples" / f"ov2_{name}.jsonl").read_text().splitlines()]
+    group = scores["mine"]
+    assert group["subtasks"] == ["mine_pope", "mine_seed"] and group["n"] == 2 * LIMIT
+    own = json.loads((out / "lmms_eval" / "mine_results.json").read_text())["results"]["mine"]["accuracy,none"]
+    assert group["metrics"]["accuracy"]["value"] == own  # lmms-eval's weighting, as lmms-eval reports it
+    assert main([str(root / "model"), "--tasks", "mine", "--include", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "o2")]) == 2

@@ -10,9 +10,13 @@ every task's questions among them and gathers the answers on rank 0, which alone
 
 Built-in tasks (evals/suite; their YAMLs in evals/tasks) read their data from DATA/<task> and build it
 there when it is missing (DATA defaults to OUT/data). Any other name is an lmms-eval task; its data must be in the
-Hugging Face cache (nothing is downloaded). Each task runs in its own `simple_evaluate` call (a crash raises, it
-does not exit 0), so one failing task (missing data, an lmms-eval ERROR) leaves the others. An empty answer
-is a wrong answer: scored 0 and counted (`empty` in scores.json), never a failed task.
+Hugging Face cache (nothing is downloaded); `--include DIR` adds a folder of your own lmms-eval task YAMLs. An
+lmms-eval group (mmbench_en, scienceqa_full, ...) is reported per subtask: one scores.json entry for each of its
+tasks (with "group"), and one for the group when lmms-eval aggregates it (with "subtasks"). Each named task or
+group runs in its own `simple_evaluate` call (a crash raises, it does not exit 0), so one failing task (missing
+data, an lmms-eval ERROR) leaves the others. An empty answer is a wrong answer: scored 0 and counted (`empty` in
+scores.json), never a failed task. A likelihood-scored lmms-eval task stays a plain task (lmms-eval 0.7 would build
+it as a chat model's messages task, which only generates).
 
 Built-in tasks whose answer is one of a few options (letters, Yes/No: TaskSpec.output_type "multiple_choice") are
 scored by likelihood: one forward pass per question for one-token options, one per option otherwise
@@ -51,9 +55,9 @@ OUTPUTS = ("scores.json", "samples", "lmms_eval")
 OURS = (*OUTPUTS, "data", "status.json", ".lock", "stage.json", "stage.log")
 
 
-def lmms_eval_task_names() -> set[str]:
-    """lmms-eval's task, group and tag names, read from its task YAML files (well under a second; building its
-    TaskManager takes a minute on 2 cores)."""
+def lmms_eval_task_names(include: tuple = ()) -> set[str]:
+    """lmms-eval's task, group and tag names, read from its task YAML files and those under `include` (well under a
+    second; building its TaskManager takes a minute on 2 cores)."""
     import importlib.util
     import re
 
@@ -62,7 +66,8 @@ def lmms_eval_task_names() -> set[str]:
         return set()
     pattern = re.compile(r"^(?:task|group|tag):\s*[\"']?([^\s\"'#\[]+)", re.M)
     names: set[str] = set()
-    for path in (Path(spec.origin).parent / "tasks").rglob("*.yaml"):
+    folders = [Path(spec.origin).parent / "tasks", *map(Path, include)]
+    for path in (p for folder in folders for p in folder.rglob("*.yaml")):
         try:
             names.update(pattern.findall(path.read_text(errors="replace")))
         except OSError:
@@ -78,7 +83,8 @@ class TasksFailed(RuntimeError):
     """At least one task failed; the scores are written (the stage's status records the first failure)."""
 
 
-def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int, force: bool) -> None:
+def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int, force: bool,
+           include: tuple = ()) -> None:
     config = model_dir / "config.json"
     if not config.is_file():
         raise BadInput(f"{model_dir} is not a model folder (no config.json)")
@@ -87,6 +93,9 @@ def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int,
         raise BadInput(f"{model_dir} holds a {model_type!r} model; llava_hf evaluates {', '.join(LLAVA_TYPES)}")
     if not tasks:
         raise BadInput("no tasks given (--tasks a,b)")
+    for folder in include:
+        if not Path(folder).is_dir():
+            raise BadInput(f"--include {folder} is not a folder (lmms-eval task YAMLs)")
     if len(set(tasks)) != len(tasks):
         raise BadInput(f"a task is named twice in {','.join(tasks)}")
     if limit is not None and limit < 1:
@@ -101,7 +110,7 @@ def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int,
     if foreign and not force:
         raise BadInput(f"--out {out} holds files that are not an evaluation's ({foreign[0]}, ...): choose an empty "
                        f"or new folder, or pass --force")
-    unknown = [t for t in tasks if t not in TASKS and t not in lmms_eval_task_names()]
+    unknown = [t for t in tasks if t not in TASKS and t not in lmms_eval_task_names(include)]
     if unknown:
         raise BadInput(f"unknown task(s) {', '.join(unknown)}: built-in are {', '.join(TASKS)}; others must be "
                        "lmms-eval task names (python -m lmms_eval tasks list)")
@@ -306,8 +315,8 @@ def _scores_entry(name: str, result: dict, samples: list[dict]) -> tuple[dict, l
 
 
 def run_task(lm, name: str, data_dir: Path, out: Path, limit: int | None, task_manager) -> dict | None:
-    """Evaluate one task -> its scores.json entry (None on a torchrun rank other than 0); raises with one line on
-    failure."""
+    """Evaluate one task or group -> {task: its scores.json entry} (a group's tasks, and the group when lmms-eval
+    aggregates it; None on a torchrun rank other than 0); raises with one line on failure."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers import EvaluationTracker
     from loguru import logger
@@ -341,17 +350,36 @@ def run_task(lm, name: str, data_dir: Path, out: Path, limit: int | None, task_m
         lm._model = model
     if not dist.is_main():
         return None  # rank 0 gathered this rank's answers
-    if results is None or name not in results.get("results", {}):
+    found = (results or {}).get("results", {})
+    leaves = _leaves(results.get("group_subtasks", {}), name) if results else []
+    if not leaves or any(leaf not in found for leaf in leaves):
         raise RuntimeError(f"lmms-eval returned no results for {name}")
-    samples = results.pop("samples", {}).get(name, [])
-    entry, lines = _scores_entry(name, results["results"][name], samples)
+    samples = results.pop("samples", {})
     tracker.general_config_tracker.model_name_sanitized = ""
-    tracker.save_results_aggregated(results=results, samples={name: samples}, datetime_str=name)
-    tracker.save_results_samples(task_name=name, samples=samples)
+    tracker.save_results_aggregated(results=results, samples=samples, datetime_str=name)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    (out / "samples" / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    entry.update(n=len(lines), empty=check_answers(lines, errors))
-    return entry
+    entries = {}
+    for leaf in leaves:
+        entry, lines = _scores_entry(leaf, found[leaf], samples.get(leaf, []))
+        tracker.save_results_samples(task_name=leaf, samples=samples.get(leaf, []))
+        (out / "samples" / f"{leaf}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        entries[leaf] = {**entry, "n": len(lines), "empty": check_answers(lines, errors)}
+        if leaf != name:
+            entries[leaf]["group"] = name
+    if leaves != [name] and any("," in k for k in found.get(name, {})):  # the group's own aggregate
+        entry, _ = _scores_entry(name, found[name], [])
+        entries[name] = {**entry, "n": sum(entries[t]["n"] for t in leaves),
+                         "empty": sum(entries[t]["empty"] for t in leaves), "subtasks": leaves}
+    return entries
+
+
+def _leaves(subtasks: dict, name: str) -> list[str]:
+    """The tasks lmms-eval ran for `name`: itself when it is a task, else its group's tasks (nested groups opened)
+    in lmms-eval's order. `subtasks` is lmms-eval's group_subtasks ({group: [members], task: []})."""
+    members = subtasks.get(name)
+    if not members:
+        return [name]
+    return [leaf for member in members for leaf in _leaves(subtasks, member)]
 
 
 def check_answers(lines: list[dict], errors: list[str]) -> int:
@@ -366,7 +394,7 @@ def check_answers(lines: list[dict], errors: list[str]) -> int:
 
 
 def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_dir=None, batch_size: int = 1,
-             force: bool = False, progress: bool = True) -> dict:
+             force: bool = False, progress: bool = True, include: tuple = ()) -> dict:
     """Evaluate a LLaVA folder on `tasks` -> the scores dict (also OUT/scores.json). Raises BadInput for bad
     arguments; a failing task is recorded in the scores (status "failed") and the others still run.
     Under torchrun every rank answers its share of each task; rank 0 builds missing data and owns OUT."""
@@ -378,11 +406,10 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
     model_dir, out = Path(model_dir), Path(out)
     data_dir = Path(data_dir) if data_dir is not None else out / "data"
     tasks = list(tasks)
-    _check(model_dir, tasks, out, limit, batch_size, force)
+    include = tuple(str(Path(p).resolve()) for p in include)
+    _check(model_dir, tasks, out, limit, batch_size, force, include)
     quiet_lmms_eval()
-    from lmms_eval.tasks import TaskManager
-
-    task_manager = TaskManager("ERROR", include_path=str(TASKS_DIR), model_name="llava_hf")
+    task_manager = task_manager_for(include)
     unknown = [t for t in tasks if t not in TASKS and t not in task_manager.all_tasks]
     if unknown:
         raise BadInput(f"unknown task(s) {', '.join(unknown)}: built-in are {', '.join(TASKS)}; others must be "
@@ -403,9 +430,9 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
         dist.barrier()  # the data is on disk for every rank
         lm = load_model(model_dir, batch_size)
         for name in tasks:
-            entry = _one(lm, name, data_dir, out, limit, task_manager, progress, missing.get(name))
+            entries = _one(lm, name, data_dir, out, limit, task_manager, progress, missing.get(name))
             if main:
-                scores["tasks"][name] = entry
+                scores["tasks"].update(entries)
                 (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
         failed = [f"{t}: {e['error']}" for t, e in scores["tasks"].items() if e["status"] != "ok"]
         if failed:
@@ -413,6 +440,29 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
     dist.barrier()
     dist.teardown()
     return scores
+
+
+def task_manager_for(include: tuple = ()):
+    """lmms-eval's TaskManager over its tasks, ours (TASKS_DIR) and `include`, except that a likelihood-scored task
+    (output_type multiple_choice) stays a plain task: lmms-eval 0.7 builds every task of a chat model such as
+    llava_hf as a messages task, which only generates ("Currently messages is used for generation only")."""
+    from lmms_eval.api.task import ConfigurableMessagesTask, ConfigurableTask
+    from lmms_eval.tasks import TaskManager
+
+    def plain_choices(loaded: dict) -> None:  # a group's value is a dict of its tasks
+        for task in loaded.values():
+            if isinstance(task, dict):
+                plain_choices(task)
+            elif isinstance(task, ConfigurableMessagesTask) and task.OUTPUT_TYPE == "multiple_choice":
+                task.__class__ = ConfigurableTask  # its parent class: the messages class only adds methods
+
+    class Tasks(TaskManager):
+        def load_task_or_group(self, task_list=None, task_type="simple") -> dict:
+            loaded = super().load_task_or_group(task_list, task_type)
+            plain_choices(loaded)
+            return loaded
+
+    return Tasks("ERROR", include_path=[str(TASKS_DIR), *include], model_name="llava_hf")
 
 
 def _build_data(tasks: list[str], data_dir: Path) -> dict[str, str]:
@@ -431,7 +481,7 @@ def _build_data(tasks: list[str], data_dir: Path) -> dict[str, str]:
 
 def _one(lm, name: str, data_dir: Path, out: Path, limit, task_manager, progress: bool,
          missing: str | None = None) -> dict | None:
-    """One task's scores.json entry (None on a torchrun rank other than 0)."""
+    """One task's (or group's) scores.json entries, {task: entry} (None on a torchrun rank other than 0)."""
     from benchmarks.evals.suite.build import has_data
     from ov2 import distributed as dist
 
@@ -440,24 +490,27 @@ def _one(lm, name: str, data_dir: Path, out: Path, limit, task_manager, progress
     try:
         if spec is not None and not has_data(data_dir / name):  # the same answer on every rank
             raise RuntimeError(missing or f"data missing: {data_dir / name} could not be built")
-        result = run_task(lm, name, data_dir, out, limit, task_manager)
-        if result is None:
+        results = run_task(lm, name, data_dir, out, limit, task_manager)
+        if results is None:
             return None
-        entry = {"status": "ok", "error": None, **result}
+        entries = {task: {"status": "ok", "error": None, **result} for task, result in results.items()}
     except Exception as err:
         line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        entry = {"status": "failed", "error": line, "primary": spec.primary if spec else None, "metrics": {},
-                 "n": 0, "chance": spec.chance if spec else None}
+        entries = {name: {"status": "failed", "error": line, "primary": spec.primary if spec else None,
+                          "metrics": {}, "n": 0, "chance": spec.chance if spec else None}}
     if not dist.is_main():
         return None
-    entry["wall_s"] = round(time.time() - start, 2)
-    if progress:
+    wall = round(time.time() - start, 2)
+    for task, entry in entries.items():
+        entry["wall_s"] = wall  # a group's tasks ran in one call
+        if not progress:
+            continue
         if entry["status"] == "ok":
             m = entry["metrics"].get(entry["primary"], {})
-            print(f"{name}: {entry['primary']} {m.get('value')} (n={entry['n']}, {entry['wall_s']} s)", file=sys.stderr)
+            print(f"{task}: {entry['primary']} {m.get('value')} (n={entry['n']}, {wall} s)", file=sys.stderr)
         else:
-            print(f"{name}: failed: {entry['error']}", file=sys.stderr)
-    return entry
+            print(f"{task}: failed: {entry['error']}", file=sys.stderr)
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,13 +524,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most this many questions per task")
     parser.add_argument("--data", default=None, help="built-in task data folder (default OUT/data; built if missing)")
     parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (llava_hf: 1)")
+    parser.add_argument("--include", action="append", default=[], metavar="DIR",
+                        help="a folder of your own lmms-eval task YAMLs (repeatable)")
     parser.add_argument("--force", action="store_true", help="replace earlier results in OUT")
     args = parser.parse_args(argv)
     from ov2.runfolder import RunLocked
 
     try:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        scores = evaluate(args.model, tasks, args.out, args.limit, args.data, args.batch_size, args.force)
+        scores = evaluate(args.model, tasks, args.out, args.limit, args.data, args.batch_size, args.force,
+                          include=tuple(args.include))
     except (BadInput, RunLocked) as err:
         return fail(PROG, err, 2)
     except KeyboardInterrupt:

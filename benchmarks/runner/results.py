@@ -37,7 +37,7 @@ def _eval_rows(scores: dict) -> list[dict]:
             continue
         for metric, m in (res.get("metrics") or {}).items():
             m = m if isinstance(m, dict) else {"value": m}
-            primary = metric == res.get("primary")
+            primary = metric == res.get("primary") and not res.get("subtasks")  # a group's tasks are the primaries
             rows.append({"task": task, "metric": metric, "value": _num(m.get("value")), "stderr": _num(m.get("stderr")),
                          "n": res.get("n"), "chance": _num(res.get("chance")) if primary else math.nan,
                          "primary": primary})

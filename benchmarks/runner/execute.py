@@ -9,6 +9,9 @@ For each stage, in plan order:
     - an upstream stage failed or was skipped              -> skipped, with the reason
 The child's stderr (progress bars, errors) goes to the terminal and to the stage's stage.log; its stdout to the log.
 Wall time and peak memory (the child's peak resident set, from wait4) go into the stage's status.json.
+A finished training stage drops the resume points nothing reads again (a cached stage is never resumed): a bridge's
+stage checkpoints (1.6 GB each for SmolLM2's stage 2: the LLM and its optimiser state) and all but the newest
+pretraining checkpoint (the encoder's weights).
 A full disk while the runner itself writes stops the run: the stage's status says so (rewritten in place when no
 new file fits) and the OSError goes up to `ov2 run`, which prints one line; the same command resumes.
 """
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.runner.plan import Stage
+from ov2.checkpoint import list_checkpoints
 from ov2.runfolder import read_status, write_status
 
 PR_SET_PDEATHSIG = 1
@@ -169,6 +173,7 @@ def run_stage(stage: Stage, position: str, started: float) -> dict:
                   exit_code=code)
     if code == 0:
         result = write_status(stage.folder, "ok", error=None, **fields)
+        prune(stage)
         print(f"{head}: ok in {_fmt(wall)}, peak {peak / 1024:.2f} GB", file=sys.stderr, flush=True)
     else:
         state = "interrupted" if code in (130, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL) else "failed"
@@ -176,6 +181,16 @@ def run_stage(stage: Stage, position: str, started: float) -> dict:
         result = write_status(stage.folder, state, error=error, **fields)
         print(f"{head}: {state.upper()}: {error}", file=sys.stderr, flush=True)
     return result
+
+
+def prune(stage: Stage) -> None:
+    """Drop a finished training stage's resume points that nothing reads again (the module's docstring)."""
+    if stage.name == "bridge":
+        for checkpoints in stage.folder.glob("stage*/checkpoints"):
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    elif stage.name == "pretrain":
+        for old in list_checkpoints(stage.folder)[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def mark_skipped(stage: Stage, reason: str, position: str) -> dict:

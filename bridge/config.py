@@ -21,7 +21,8 @@ from ov2.precision import check_bf16
 
 DEFAULT_LR = {1: 1e-3, 2: 2e-5}
 # what a rerun may change: how often a stage saves, how it reports, when it gives up on non-finite losses ...
-RESUME_SAFE = ("ckpt_every", "keep_last", "nan_patience", "max_bad_fraction", "workers", "progress")
+RESUME_SAFE = ("ckpt_every", "keep_last", "nan_patience", "max_bad_fraction", "workers", "progress",
+               "gradient_checkpointing")
 # ... and, for the whole run, where it is, how much it evaluates and where it trains
 RUN_RESUME_SAFE = (*RESUME_SAFE, "out", "eval_samples", "device")
 RENAMED = {"save_every": "ckpt_every"}  # older key names in saved configs -> today's
@@ -64,6 +65,9 @@ class LlavaStageConfig:
     keep_last: int = 2
     nan_patience: int = 5  # stop after this many non-finite steps in a row
     max_bad_fraction: float = 0.05  # stop when more than this fraction of the records read so far was unusable
+    fsdp: bool = False  # stage 2 under torchrun: the LLM sharded over the ranks (FSDP2, as LLaVA-1.5's ZeRO-3:
+    #                     bridge.engine); false: every rank holds the model (DDP). One process: no effect
+    gradient_checkpointing: bool = False  # the LLM's decoder layers recompute their activations in the backward
     workers: int = 0  # DataLoader processes building the batches (images, chat template, tokens) ahead of the
     #                   step; 0: in the training process (a 2-core CPU has no core to spare)
     progress: bool = True
@@ -87,6 +91,11 @@ def validate_stage(cfg: LlavaStageConfig, name: str = "stage") -> LlavaStageConf
         raise ConfigError(f"{name}.workers must be 0 (in the training process) or more, got {cfg.workers}")
     if cfg.lora_r < 0 or (cfg.lora_r and cfg.stage != 2):
         raise ConfigError(f"{name}.lora_r: LoRA adapters are for stage 2 only, with r >= 1 (0: off), got {cfg.lora_r}")
+    if cfg.fsdp and cfg.stage != 2:
+        raise ConfigError(f"{name}.fsdp: the LLM is sharded in stage 2 only (stage 1 trains the projector alone)")
+    if cfg.fsdp and cfg.lora_r:
+        raise ConfigError(f"{name}.fsdp with {name}.lora_r: LoRA adapters on a sharded LLM are not supported; "
+                          f"choose one")
     if cfg.lora_r and cfg.lora_alpha is None:
         cfg.lora_alpha = 2.0 * cfg.lora_r
     if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:

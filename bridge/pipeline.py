@@ -126,6 +126,7 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     import contextlib
 
     from bridge.data import Collator
+    from bridge.engine import is_sharded
     from bridge.evaluate import heldout_accuracy
     from bridge.export import export_llava
     from ov2 import distributed as dist
@@ -155,6 +156,8 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
         with_lora(model, cfg)
         summary["stage2"] = train_stage(model, data2, collate, cfg.stage2, out / "stage2", inputs=(key,))
         merge_lora(model)  # LoRA adapters folded into the LLM: the export is a plain LLaVA either way
+        if is_sharded(model) and dist.is_main():  # the whole model, from the stages' final weights
+            model = load_trained(out)[0].to(device)
         if dist.is_main():  # rank 0 alone: the others are released (no barrier waits on a generation)
             if evaluate and cfg.eval_samples > 0:  # on the training device
                 summary["heldout"] = heldout_accuracy(model, processor, n=cfg.eval_samples)

@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from bridge import engine
 from bridge.assemble import trainable_groups
 from bridge.config import RESUME_SAFE, LlavaStageConfig, upgrade
-from bridge.loss import AnswerLoss
 from encoder.data.loader import DataError
 from ov2 import checkpoint as core
 from ov2 import distributed as dist
@@ -64,10 +64,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _check_names(model, state: dict, where) -> None:
+def _check_names(model, shapes: dict, where) -> None:
+    """Refuse saved weights (name -> shape) that do not fit `model`."""
     params = dict(model.named_parameters())
-    unknown = [n for n in state if n not in params]
-    wrong = [n for n in state if n in params and tuple(params[n].shape) != tuple(state[n].shape)]
+    unknown = [n for n in shapes if n not in params]
+    wrong = [n for n in shapes if n in params and tuple(params[n].shape) != tuple(shapes[n])]
     if unknown or wrong:
         raise ConfigError(f"{where}: does not fit this model ({', '.join((unknown + wrong)[:3])}); was it trained "
                           f"with another encoder or LLM?")
@@ -75,7 +76,7 @@ def _check_names(model, state: dict, where) -> None:
 
 def load_trainable(model, path: Path | dict) -> None:
     state = load_file(str(path)) if not isinstance(path, dict) else path
-    _check_names(model, state, path if not isinstance(path, dict) else "checkpoint")
+    _check_names(model, {n: t.shape for n, t in state.items()}, path if not isinstance(path, dict) else "checkpoint")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
@@ -124,23 +125,26 @@ def train_stage(model, dataset, collate, cfg: LlavaStageConfig, out_dir: str | P
     out_dir = Path(out_dir)
     check_out(out_dir)
     runfolder.check_unlocked(out_dir)
-    groups = trainable_groups(model, stage=cfg.stage, unfreeze_vision=cfg.unfreeze_vision)
+    names = {id(p): n for n, p in model.named_parameters()}
+    trained = trainable_groups(model, stage=cfg.stage, unfreeze_vision=cfg.unfreeze_vision)
+    groups = {group: [names[id(p)] for p in params] for group, params in trained.items()}
     done = out_dir / "done.json"
     found = core.newest(out_dir, core.read)
     step = found[1]["state"]["step"] if found else 0
     check_resume(out_dir, cfg, step, upgrade(saved_config(out_dir)), safe=RESUME_SAFE)
     if found:
-        _check_names(model, found[1]["weights"], found[0])
+        weights = found[1]["weights"]
+        shapes = core.sharded_shapes(found[0]) if weights is None else {n: t.shape for n, t in weights.items()}
+        _check_names(model, shapes, found[0])
     if done.is_file() and (out_dir / "final.safetensors").is_file():
         summary = json.loads(done.read_text())
         if summary.get("steps", 0) >= cfg.steps:
             load_trainable(model, out_dir / "final.safetensors")
             return summary
-    rates = {"vision": cfg.vision_lr, "projector": cfg.projector_lr or cfg.lr}
-    param_groups = [{"params": ps, "lr": rates.get(name, cfg.lr), "name": name} for name, ps in groups.items()]
-    for g in param_groups:
-        g["initial_lr"] = g["lr"]
-    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    sharded = cfg.fsdp and dist.world_size() > 1
+    if found and sharded and found[1]["weights"] is not None:
+        raise ConfigError(f"{found[0]} was written by one process (whole weights); a stage{cfg.stage}.fsdp resume "
+                          f"needs a sharded checkpoint: resume on 1 process, or start {out_dir} again")
     key = runfolder.config_key(asdict(cfg), *inputs)
     main = dist.is_main()  # under torchrun rank 0 owns the folder; every rank trains
     dist.barrier()  # every rank has checked the folder before rank 0 writes into it
@@ -151,26 +155,45 @@ def train_stage(model, dataset, collate, cfg: LlavaStageConfig, out_dir: str | P
             runfolder.write_config(out_dir, asdict(cfg))
             runfolder.rewrite_metrics(out_dir / "metrics.jsonl", step)
         bf16 = announce(cfg.bf16, device_of(model), run=out_dir if main else None, main=main)
+        if cfg.gradient_checkpointing:  # each decoder layer recomputes its activations in the backward pass
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+        root = engine.wrap(model, sharded, bf16, device_of(model))  # before the optimizer: FSDP2 swaps parameters
+        opt = _optimizer(model, groups, cfg)
         state = {"step": 0, "nan_streak": 0, "elapsed": 0.0, "seen": 0, "bad": {}}
-        if found:
+        if found and found[1].get("sharded"):
+            engine.load_sharded(model, opt, found[1]["sharded"])
+        elif found:
             load_trainable(model, found[1]["weights"])
             opt.load_state_dict(found[1]["optimizer"])
+        if found:
             core.restore_rng(found[1])
             state.update(found[1]["state"])
-        summary = _loop(model, dataset, collate, cfg, out_dir, opt, state, stop_after, bf16)
+        summary = _loop(model, root, dataset, collate, cfg, out_dir, opt, state, stop_after, bf16)
     if main and summary["steps"] < cfg.steps:
         runfolder.write_status(out_dir, "interrupted", error=f"stopped at step {summary['steps']}")
     return summary
 
 
-def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, state: dict, stop_after,
+def _optimizer(model, groups: dict[str, list[str]], cfg: LlavaStageConfig) -> torch.optim.Optimizer:
+    """AdamW over the groups' parameters (by name), as they are now: FSDP2 replaces them with sharded ones."""
+    rates = {"vision": cfg.vision_lr, "projector": cfg.projector_lr or cfg.lr}
+    params = dict(model.named_parameters())
+    param_groups = [{"params": [params[n] for n in names], "lr": rates.get(name, cfg.lr), "name": name}
+                    for name, names in groups.items()]
+    for g in param_groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+
+def _loop(model, root, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, state: dict, stop_after,
           bf16: bool) -> dict:
     """The stage's steps on the one training loop (ov2.loop) from `state` (step, nan_streak, elapsed; updated in
-    place): the bridge supplies batches and the loss."""
-    loss_fn = AnswerLoss()
+    place): the bridge supplies batches and the loss (through `root`, the engine's module: bridge.engine)."""
     order = SampleOrder(len(dataset), cfg.seed)
     device = device_of(model)
-    model.train()
+    root.train()
     step = state["step"]
     t0, last, saved, tokens = time.time(), {}, {"step": step}, {"n": 0}
     metrics = runfolder.MetricsLog(out_dir, elapsed=state["elapsed"], write=dist.is_main())
@@ -180,7 +203,6 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
     rank, world = dist.rank(), dist.world_size()
     if cfg.batch_size % world:
         raise ConfigError(f"stage{cfg.stage}.batch_size {cfg.batch_size} does not split over {world} processes")
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
     batches = iter(batch_loader(dataset, collate, order, cfg, step, rank, world))
 
@@ -200,7 +222,7 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
                             f"stage{cfg.stage}.max_bad_fraction={cfg.max_bad_fraction}: check the data")
 
     def loss(inputs: dict) -> dict:
-        out = loss_fn(model, inputs)
+        out = root(inputs)
         if world == 1:
             tokens["n"] += int(out["tokens"])
             return {"loss": out["lm_loss"]}
@@ -217,13 +239,6 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
             g["lr"] = g["initial_lr"] * factor
         return cfg.lr * factor
 
-    def average_gradients() -> None:  # what DDP would do; the LLaVA model is called part by part, not wrapped
-        for p in trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce_sum_(p.grad)
-            p.grad /= world
-
     def log(step: int, lr: float, terms: dict) -> None:  # the global batch's loss and answer tokens
         state["elapsed"] = metrics.elapsed()
         last.update(metrics.write(step, terms.get("global", terms["loss"]), lr, stage=cfg.stage, tokens=tokens["n"]))
@@ -231,23 +246,29 @@ def _loop(model, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, opt, st
         bar.set_postfix(loss=f"{last['loss']:.4f}")
 
     def save() -> None:
-        main = dist.is_main()  # rank 0 writes the weights and optimizer state (all ranks hold the same)
-        core.save(out_dir, state["step"], weights=trainable_state(model) if main else {},
-                  optimizer=opt.state_dict() if main else {}, config=asdict(cfg), state=dict(state),
-                  keep_last=cfg.keep_last)
+        if engine.is_sharded(model):  # every rank writes its part
+            core.save(out_dir, state["step"], weights={}, optimizer={}, config=asdict(cfg), state=dict(state),
+                      keep_last=cfg.keep_last, sharded=engine.sharded_state(model, opt))
+        else:  # rank 0 writes the weights and optimizer state (all ranks hold the same)
+            main = dist.is_main()
+            core.save(out_dir, state["step"], weights=trainable_state(model) if main else {},
+                      optimizer=opt.state_dict() if main else {}, config=asdict(cfg), state=dict(state),
+                      keep_last=cfg.keep_last)
         saved["step"] = state["step"]
 
     loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=bf16, nan_patience=cfg.nan_patience,
                       ckpt_every=cfg.ckpt_every)
-    run_steps(model, opt, loop, state=state, end=end, batch=batch, loss=loss, set_lr=set_lr, log=log,
-              save=save, bar=bar, device=device, before_step=average_gradients if world > 1 else None)
+    run_steps(root, opt, loop, state=state, end=end, batch=batch, loss=loss, set_lr=set_lr, log=log,
+              save=save, bar=bar, device=device)
     bar.close()
-    model.eval()
+    root.eval()
     summary = {"stage": cfg.stage, "steps": saved["step"], "final_loss": last.get("loss"),
                "records": state.get("seen", 0), "skipped": dict(state.get("bad", {})),
                "seconds": round(time.time() - t0, 2), "peak_rss_mb": runfolder.peak_rss_mb()}
-    if saved["step"] >= cfg.steps and dist.is_main():
-        save_file(trainable_state(model), str(out_dir / "final.safetensors"))
-        (out_dir / "done.json").write_text(json.dumps(summary, indent=1))
+    if saved["step"] >= cfg.steps:
+        weights = engine.full_trainable(model)  # a collective when sharded
+        if dist.is_main():
+            save_file(weights, str(out_dir / "final.safetensors"))
+            (out_dir / "done.json").write_text(json.dumps(summary, indent=1))
     dist.barrier()
     return summary

@@ -44,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                            "with its own vs a shuffled image"),
     "bench bridge-options": ("benchmarks.bench.bridge_options:main", "bridge options on a CPU budget (full LLM vs "
                              "LoRA, tower share): step time, held-in accuracy"),
+    "bench memory": ("benchmarks.bench.bridge_memory:main", "LLaVA stage 2 at 7B under FSDP2: peak memory per rank "
+                     "counted on the meta device"),
 }
 
 

@@ -81,18 +81,24 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def is_block(module: nn.Module) -> bool:
+    """Our ViT's and text tower's transformer blocks: FSDP2's units in pretraining."""
+    return type(module).__name__ == "Block"
+
+
 def checkpoint_blocks(model: nn.Module) -> None:
     """Activation checkpointing: every transformer `Block` recomputes its activations in the backward pass (state
     dict names unchanged). Applied before `wrap`, which shards the same blocks."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "Block")
+    apply_activation_checkpointing(model, check_fn=is_block)
 
 
-def wrap(model: nn.Module, mode: str, device: torch.device, bf16: bool = False) -> nn.Module:
+def wrap(model: nn.Module, mode: str, device: torch.device, bf16: bool = False, units=is_block) -> nn.Module:
     """DDP (default) or FSDP2 `fully_shard` when running on several processes; the module itself otherwise.
-    FSDP2 shards every transformer block and the rest; with `bf16` it computes in bf16 (parameters cast for the
-    forward and backward) and reduces gradients in float32, keeping float32 master weights."""
+    FSDP2 shards every module that `units` picks (the transformer blocks) and the rest as the root's unit; with
+    `bf16` it computes in bf16 (parameters cast for the forward and backward) and reduces gradients in float32,
+    keeping float32 master weights. Either one averages the gradients over the ranks."""
     if world_size() == 1:
         return model
     if mode == "fsdp":
@@ -100,9 +106,8 @@ def wrap(model: nn.Module, mode: str, device: torch.device, bf16: bool = False) 
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
-        for module in model.modules():
-            if type(module).__name__ == "Block":
-                fully_shard(module, mp_policy=policy)
+        for module in [m for m in model.modules() if units(m)]:
+            fully_shard(module, mp_policy=policy)
         return fully_shard(model, mp_policy=policy)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)

@@ -100,6 +100,7 @@ def test_the_papers_llava15_experiment_plans_every_stage_with_the_papers_setting
     for setting in ("--stage1.steps=2181", "--stage1.batch_size=256", "--stage1.lr=0.001", "--stage2.steps=5198",
                     "--stage2.batch_size=128", "--stage2.lr=2e-05", "--stage1.warmup_ratio=0.03",
                     "--chat_template=auto", "--pad_to_square=true", "--feature_layer=-2", "--nproc_per_node=8",
+                    "--stage2.fsdp=true", "--stage2.gradient_checkpointing=true",
                     f"--stage2_data={data}/llava/llava_v1_5_mix665k.json",
                     f"--stage1_image_root={data}/llava/LLaVA-Pretrain/images",
                     "textvqa_val,chartqa,ocrbench,mme,seedbench,scienceqa_img,gqa,pope"):

@@ -99,6 +99,7 @@ def encoder(tmp_path_factory) -> str:
 @pytest.mark.slow  # 2-process torchrun trainings
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_sharded_stage2_equals_one_process_and_resumes(encoder, kind, tmp_path):
+    """Both LLMs: 2 sharded processes = 1 process; the Llama one: a sharded checkpoint resumes on 2 and on 1."""
     one = tmp_path / "one"
     train(encoder, kind, str(one))  # one process: fsdp has no effect
     two = tmp_path / "two"
@@ -114,6 +115,8 @@ def test_sharded_stage2_equals_one_process_and_resumes(encoder, kind, tmp_path):
     projector = "model.multi_modal_projector.linear_1.weight"
     assert not torch.equal(reference[projector], _stage1_projector(one)[projector])  # stage 2 trained it
 
+    if kind != "llama":
+        return  # resuming is the engine's, whatever the LLM: once is enough (each torchrun costs ~15 s)
     # killed after step 1 (its checkpoint is sharded), resumed on 2 processes: the same weights
     cut = tmp_path / "cut"
     res = torchrun(encoder, kind, str(cut), "fsdp", "1")

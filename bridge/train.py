@@ -12,6 +12,9 @@ Run folder of a stage (the same contract as a pretraining run, written and read 
     final.safetensors        the trained weights (trainable parameters only) once the stage is done
     done.json                summary (steps, final loss, wall time, peak memory); a finished stage is skipped
 The sample order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have seen.
+Under torchrun each rank trains on its share of every batch through the stage's engine (bridge.engine: DDP, or FSDP2
+with `stage2.fsdp`, whose checkpoints are sharded: checkpoints/step_N/sharded/ instead of model.safetensors and
+optimizer.pt).
 """
 
 from __future__ import annotations

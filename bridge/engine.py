@@ -1,6 +1,6 @@
 """How a bridge stage trains on several processes: the engine that shares the model and syncs its gradients.
 
-    root = engine.wrap(model, cfg, bf16=True)   # the module the loop calls: root(batch) -> {"lm_loss", "tokens"}
+    root = engine.wrap(model, sharded, bf16, device)   # the module the loop calls: root(batch) -> {"lm_loss", ...}
 
 One process: the model under the answer loss, nothing more. Under torchrun (`ov2.distributed.wrap`):
     DDP (default)      every rank holds the model; gradients are all-reduced once per optimizer step
@@ -67,6 +67,11 @@ def _trainable_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters of a model that is not sharded, copied to the CPU."""
+    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def sharded_state(model, optimizer) -> dict:
     """What each rank writes of a sharded stage (ov2.checkpoint.save(sharded=...)): its part of the trainable
     parameters and of their optimizer state."""
@@ -86,8 +91,7 @@ def load_sharded(model, optimizer, folder: str) -> None:
 def full_trainable(model) -> dict[str, torch.Tensor]:
     """The trainable parameters whole, on the CPU of rank 0 (the other ranks get {}): a collective when sharded."""
     if not is_sharded(model):
-        names = _trainable_names(model)
-        return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if n in names}
+        return trainable_state(model)
     names = _trainable_names(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.contiguous() for k, v in full.items() if k in names} if dist.is_main() else {}

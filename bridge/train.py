@@ -34,6 +34,7 @@ from tqdm import tqdm
 from bridge import engine
 from bridge.assemble import trainable_groups
 from bridge.config import RESUME_SAFE, LlavaStageConfig, upgrade
+from bridge.engine import trainable_state
 from encoder.data.loader import DataError
 from ov2 import checkpoint as core
 from ov2 import distributed as dist
@@ -61,10 +62,6 @@ class SampleOrder:
             generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
             self._perm = {epoch: torch.randperm(self.n, generator=generator)}
         return int(self._perm[epoch][g % self.n])
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _check_names(model, shapes: dict, where) -> None:

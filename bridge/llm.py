@@ -114,6 +114,23 @@ def load_llm(name_or_path: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def keep_layers(model, n: int):
+    """`model` (a causal LM) cut to its first `n` decoder layers, in place; its config says so, so that a saved copy
+    loads as an ordinary model of n layers. n = 0 keeps them all."""
+    from ov2.config import ConfigError
+
+    layers = model.model.layers
+    if n == 0 or n == len(layers):
+        return model
+    if n > len(layers):
+        raise ConfigError(f"llm_layers: the LLM has {len(layers)} decoder layers, asked to keep {n}")
+    model.model.layers = layers[:n]
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):  # Qwen2, Gemma ...: one attention type per layer
+        model.config.layer_types = model.config.layer_types[:n]
+    return model
+
+
 def load_tokenizer(name_or_path: str):
     """The LLM's tokenizer; for SmolLM2 read straight from the GGUF file when no converted copy is cached yet."""
     from transformers import AutoTokenizer

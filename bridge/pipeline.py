@@ -85,11 +85,12 @@ SCENE_SIZE = 64  # built-in scenes are drawn at least this large (the suite's si
 def build(cfg: BridgeConfig):
     """-> (model, processor, tower) freshly assembled (random projector; a preset: tower seeded by cfg.seed)."""
     from bridge.assemble import assemble, make_blind
-    from bridge.llm import load_llm
+    from bridge.llm import keep_layers, load_llm
     from bridge.towers import at_image_size, load_tower
 
     tower = at_image_size(load_tower(cfg.encoder, feature_layer=cfg.feature_layer, seed=cfg.seed), cfg.image_size)
     llm, tokenizer = load_llm(cfg.llm)
+    keep_layers(llm, cfg.llm_layers)
     model, processor = assemble(tower, llm, tokenizer, seed=cfg.seed, template=cfg.chat_template,
                                 pad_to_square=cfg.pad_to_square)
     if cfg.blind:

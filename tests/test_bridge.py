@@ -253,3 +253,28 @@ def test_exported_llava_generates_same_tokens_in_fresh_process(tmp_path, tokeniz
     for layout, rows in expected.items():
         fresh = [r[: r.index(eos)] if eos in r else r for r in result["out"][layout]["tokens"]]
         assert fresh == rows, layout
+
+
+def test_keep_layers_is_the_first_layers_and_saves_as_a_plain_model(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from bridge.llm import keep_layers, tiny_llama
+    from ov2.config import ConfigError
+
+    model = tiny_llama(tokenizer, layers=3, init_std=0.3).eval()
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        h2 = model(ids, output_hidden_states=True).hidden_states[2]  # after the first two decoder layers
+        expected = model.lm_head(model.model.norm(h2))
+    keep_layers(model, 2)
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+    with torch.no_grad():
+        assert_close_scaled(model(ids).logits, expected, rel=1e-5)
+    model.save_pretrained(tmp_path / "cut")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").eval()
+    assert again.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert_close_scaled(again(ids).logits, expected, rel=1e-5)
+        assert again.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)  # the KV cache has 2 layers
+    with pytest.raises(ConfigError, match="llm_layers"):
+        keep_layers(model, 3)

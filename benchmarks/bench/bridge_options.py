@@ -8,7 +8,8 @@ the default experiment's bridge recipe.
 Options (bridge config keys): full (LLaVA-1.5: projector + the whole LLM), lora-r16 and lora-r128 (LoRA adapters on
 a frozen LLM, `stage2.lora_r`, at LLaVA-1.5's LoRA LR 2e-4; r 128 / alpha 256 is its published recipe), tokens-16
 (`image_size: 32`: a 64 px tower of patch 8 fed 32 px images, 16 visual tokens instead of 64; a standard LLaVA
-export cannot pool tokens, its tower can take smaller images).
+export cannot pool tokens, its tower can take smaller images), layers-8 and layers-4 (`llm_layers`: the LLM cut to
+its first 8 or 4 decoder layers of SmolLM2's 30; the export is a standard LLaVA of that depth).
 Measured beside them, not a key: the frozen tower's share of a stage-2 step, the most that computing its features
 once per image and reusing them could save.
 Step times: one process builds one model per option, times full optimizer steps on one fixed built-in batch, the
@@ -33,7 +34,9 @@ from benchmarks.bench.results import OutputExists, check_writable, write_results
 from ov2.cli import fail
 
 OPTIONS = {"full": {}, "lora-r16": {"stage2.lora_r": 16, "stage2.lr": 2e-4},
-           "lora-r128": {"stage2.lora_r": 128, "stage2.lr": 2e-4}, "tokens-16": {"image_size": 32}}
+           "lora-r128": {"stage2.lora_r": 128, "stage2.lr": 2e-4}, "tokens-16": {"image_size": 32},
+           "layers-8": {"llm_layers": 8}, "layers-4": {"llm_layers": 4}}
+DEFAULT_OPTIONS = ("full", "lora-r16", "lora-r128", "tokens-16")  # layers-N: on request (--options), N < the LLM's
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[1] / "runner" / "experiments" / "default.yaml"
 
 
@@ -42,7 +45,7 @@ def _model(encoder: str, llm: str, option: dict):
     from bridge.lora import add_lora
     from bridge.pipeline import build, datasets
 
-    cfg = BridgeConfig(encoder=encoder, llm=llm, out="unused", image_size=option.get("image_size", 0))
+    cfg = BridgeConfig(encoder=encoder, llm=llm, out="unused", **{k: v for k, v in option.items() if "." not in k})
     model, processor, tower = build(cfg)
     if option.get("stage2.lora_r"):
         r = option["stage2.lora_r"]
@@ -51,7 +54,7 @@ def _model(encoder: str, llm: str, option: dict):
 
 
 def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progress: bool = True,
-            names: tuple[str, ...] = tuple(OPTIONS)) -> tuple[list, dict]:
+            names: tuple[str, ...] = DEFAULT_OPTIONS) -> tuple[list, dict]:
     import torch
 
     from bridge.assemble import trainable_groups
@@ -96,7 +99,7 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
 
 
 def held_in_accuracy(encoder: str, work: Path, limit: int, progress: bool = True,
-                     names: tuple[str, ...] = tuple(OPTIONS)) -> dict[str, dict]:
+                     names: tuple[str, ...] = DEFAULT_OPTIONS) -> dict[str, dict]:
     """{option: {task: {value, stderr, n}}} after the default experiment's bridge recipe plus each option."""
     import yaml
 
@@ -144,8 +147,9 @@ def table(rows: list[dict], accuracy: dict | None, meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("ov2 bench bridge-options", __doc__, "bridge_options_cpu", "option")
-    parser.add_argument("--options", default=",".join(OPTIONS),
-                        help=f"comma list of {', '.join(OPTIONS)} (default all; the first is the ratios' base)")
+    parser.add_argument("--options", default=",".join(DEFAULT_OPTIONS),
+                        help=f"comma list of {', '.join(OPTIONS)} (default {','.join(DEFAULT_OPTIONS)}; the first is "
+                             f"the ratios' base)")
     parser.add_argument("--accuracy", action="store_true", help="also train and evaluate each option (minutes each)")
     parser.add_argument("--work", default="runs/bridge-options", help="where --accuracy trains (resumable)")
     parser.add_argument("--limit", type=int, default=100, help="questions per held-in task (--accuracy)")

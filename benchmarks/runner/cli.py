@@ -1,6 +1,6 @@
 """`ov2 run EXPERIMENT.yaml [--out RUN] [--quick]`: train encoders, bridge them to an LLM, evaluate, tabulate, report.
 
-    ov2 run benchmarks/runner/experiments/default.yaml                 # ov2 vs ov1 vs clip on 2 CPU cores (~30 min)
+    ov2 run benchmarks/runner/experiments/default.yaml                 # ov2 vs ov1 vs clip on 2 CPU cores (~1 h)
     ov2 run benchmarks/runner/experiments/default.yaml --quick         # smoke: tiny steps, a few questions per task
     ov2 run exp.yaml --out runs/exp                             # again: finished stages are skipped, others resume
 

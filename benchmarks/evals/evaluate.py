@@ -409,7 +409,8 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
     include = tuple(str(Path(p).resolve()) for p in include)
     _check(model_dir, tasks, out, limit, batch_size, force, include)
     quiet_lmms_eval()
-    task_manager = task_manager_for(include)
+    # lmms-eval's own ~3,000 task YAMLs take seconds to index: only when a task is not one of ours
+    task_manager = task_manager_for(include, defaults=bool(include) or any(t not in TASKS for t in tasks))
     unknown = [t for t in tasks if t not in TASKS and t not in task_manager.all_tasks]
     if unknown:
         raise BadInput(f"unknown task(s) {', '.join(unknown)}: built-in are {', '.join(TASKS)}; others must be "
@@ -442,10 +443,11 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
     return scores
 
 
-def task_manager_for(include: tuple = ()):
-    """lmms-eval's TaskManager over its tasks, ours (TASKS_DIR) and `include`, except that a likelihood-scored task
-    (output_type multiple_choice) stays a plain task: lmms-eval 0.7 builds every task of a chat model such as
-    llava_hf as a messages task, which only generates ("Currently messages is used for generation only")."""
+def task_manager_for(include: tuple = (), defaults: bool = True):
+    """lmms-eval's TaskManager over its tasks (unless `defaults` is false), ours (TASKS_DIR) and `include`, except
+    that a likelihood-scored task (output_type multiple_choice) stays a plain task: lmms-eval 0.7 builds every task
+    of a chat model such as llava_hf as a messages task, which only generates ("Currently messages is used for
+    generation only")."""
     from lmms_eval.api.task import ConfigurableMessagesTask, ConfigurableTask
     from lmms_eval.tasks import TaskManager
 
@@ -462,7 +464,7 @@ def task_manager_for(include: tuple = ()):
             plain_choices(loaded)
             return loaded
 
-    return Tasks("ERROR", include_path=[str(TASKS_DIR), *include], model_name="llava_hf")
+    return Tasks("ERROR", include_path=[str(TASKS_DIR), *include], include_defaults=defaults, model_name="llava_hf")
 
 
 def _build_data(tasks: list[str], data_dir: Path) -> dict[str, str]:

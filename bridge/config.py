@@ -119,8 +119,9 @@ class BridgeConfig:
     encoder: str
     out: str
     llm: str = "smollm2"
-    llm_layers: int = 0  # keep the LLM's first N decoder layers (0: all): a budget option, as layer-pruning studies
-    #                      find the deepest layers the least needed; the export is a standard LLaVA of N layers
+    llm_layers: int = 0  # keep the LLM's first N decoder layers (0: all); the export is a standard LLaVA of N layers.
+    #                      A cost cut for smoke runs: SmolLM2 cut to 4-16 layers is no longer a language model
+    #                      (benchmarks/results/bridge_signal_cpu.md, recipe G)
     feature_layer: int = -2
     image_size: int = 0  # the tower's input in px (0: its own); 32 for a 64 px tower of patch 8: 16 tokens, not 64
     stage1_data: str = "synth"

@@ -53,8 +53,10 @@ def decoder_layers(model) -> list[nn.Module]:
 def wrap(model, sharded: bool, bf16: bool, device: torch.device) -> nn.Module:
     """-> the module a stage's loop calls (see the module docstring); `model` keeps its parameter names."""
     layers = {id(m) for m in decoder_layers(model)}
+    # DDP looks for unused parameters: a text-only batch leaves the projector out, and an unfrozen tower's layers
+    # after the feature layer never take part
     return dist.wrap(Answering(model), "fsdp" if sharded else "ddp", device, bf16=bf16,
-                     units=lambda m: id(m) in layers)
+                     units=lambda m: id(m) in layers, find_unused=True)
 
 
 def is_sharded(model) -> bool:

@@ -4,8 +4,8 @@
         model.safetensors    weights (all of them, or the trainable ones for a bridge stage)
         optimizer.pt         optimizer state (tensors and numbers only; read with weights_only=True)
         trainer.json         step, data position, counters, and "files": {name: bytes} of the folder
-        rng_rank{R}.pt       each process's own state: torch RNG (CPU, and CUDA where there is one) and `local`,
-                             what the trainer keeps per rank (a shard stream's cursors)
+        rng_rank{R}.pt       each process's own state: torch RNG (CPU, and its own CUDA device's where there is
+                             one) and `local`, what the trainer keeps per rank (a shard stream's cursors)
         config.yaml          the stage's config (a checkpoint folder is self-contained)
 
     save(run, step, weights=..., optimizer=..., config=..., state=..., keep_last=3)   # every rank calls it
@@ -152,10 +152,11 @@ def _rng_file(folder: Path, rank: int) -> Path:
 
 
 def rank_state(local: dict | None = None) -> dict:
-    """What each rank saves of its own: the CPU and CUDA RNG states and the trainer's per-rank `local` dict."""
+    """What each rank saves of its own: the CPU RNG state, its current CUDA device's (the one it computes on), and
+    the trainer's per-rank `local` dict."""
     import torch
 
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {"cpu": torch.get_rng_state(), "cuda": cuda, "local": dict(local or {})}
 
 
@@ -268,5 +269,22 @@ def restore_rng(bundle: dict) -> None:
     own = bundle["rng"]
     if own is not None:
         torch.set_rng_state(own["cpu"])
-        if own["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(own["cuda"])
+        cuda = _own_cuda_state(own["cuda"]) if torch.cuda.is_available() else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def _own_cuda_state(saved):
+    """The saved CUDA RNG state of this process's current device: the one tensor saved, or, from a checkpoint that
+    holds one per device then visible (older ones, `get_rng_state_all`), the current device's entry; None when it
+    has none (say so)."""
+    import torch
+
+    if saved is None or torch.is_tensor(saved):
+        return saved
+    index = torch.cuda.current_device()
+    if index < len(saved):
+        return saved[index]
+    print(f"note: the checkpoint holds the CUDA RNG states of {len(saved)} device(s), none for cuda:{index}; that "
+          f"device's random stream starts afresh", file=sys.stderr)
+    return None

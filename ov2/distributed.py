@@ -5,15 +5,35 @@ Single process runs need no launcher: every helper degrades to the one-process c
 gloo on CPU, nccl on CUDA. NCCL takes CUDA tensors only (a CPU tensor fails with "No backend type associated with
 device type cpu"): a tensor made for a collective is made on `comm_device()`, and a tensor that lives elsewhere is
 moved there for the collective.
+
+A collective waits at most `OV2_DIST_TIMEOUT_MIN` minutes (default 60, torch's own is 10 for NCCL) for the other
+ranks: long enough for rank 0 to write a 7B model's final weights alone while the others wait in a barrier.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from ov2.config import ConfigError
+
+TIMEOUT_MIN = 60  # minutes a collective waits for the other ranks (OV2_DIST_TIMEOUT_MIN overrides)
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks: OV2_DIST_TIMEOUT_MIN minutes, 60 by default."""
+    text = os.environ.get("OV2_DIST_TIMEOUT_MIN", str(TIMEOUT_MIN))
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise ConfigError(f"OV2_DIST_TIMEOUT_MIN must be a positive number of minutes, got {text!r}")
+    return datetime.timedelta(minutes=minutes)
 
 
 def setup() -> torch.device:
@@ -25,9 +45,9 @@ def setup() -> torch.device:
         torch.backends.cudnn.allow_tf32 = True
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         if device is not None:  # binding the device is what torch asks for: barrier() and NCCL's setup use it
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout())
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout())
     return device or torch.device("cpu")
 
 
@@ -94,8 +114,11 @@ def checkpoint_blocks(model: nn.Module) -> None:
     apply_activation_checkpointing(model, check_fn=is_block)
 
 
-def wrap(model: nn.Module, mode: str, device: torch.device, bf16: bool = False, units=is_block) -> nn.Module:
+def wrap(model: nn.Module, mode: str, device: torch.device, bf16: bool = False, units=is_block,
+         find_unused: bool = False) -> nn.Module:
     """DDP (default) or FSDP2 `fully_shard` when running on several processes; the module itself otherwise.
+    `find_unused`: DDP looks for parameters a step did not use (an extra walk of the graph every step); only a model
+    whose steps may leave some trainable parameter out needs it (the bridge: a text-only batch skips the projector).
     FSDP2 shards every module that `units` picks (the transformer blocks) and the rest as the root's unit; with
     `bf16` it computes in bf16 (parameters cast for the forward and backward) and reduces gradients in float32,
     keeping float32 master weights. Either one averages the gradients over the ranks."""
@@ -110,7 +133,7 @@ def wrap(model: nn.Module, mode: str, device: torch.device, bf16: bool = False, 
             fully_shard(module, mp_policy=policy)
         return fully_shard(model, mp_policy=policy)
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 class _GatherWithGrad(torch.autograd.Function):

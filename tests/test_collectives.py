@@ -17,17 +17,20 @@ the group's device. DDP's and FSDP's own collectives (the gradients' averaging) 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as torch_dist
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from ov2 import distributed as dist
+from ov2.config import ConfigError
 from ov2.loop import LoopConfig, run_steps
 
 ELSEWHERE = torch.device("meta")
@@ -268,7 +271,40 @@ def test_comm_device_barrier_and_setup_under_nccl(monkeypatch):
     gpu = torch.device("cuda", 1)
     assert dist.setup() == gpu and dist.comm_device() == gpu
     dist.barrier()
-    assert calls == [("set_device", gpu), ("init", ("nccl",), {"device_id": gpu}), ("barrier", {"device_ids": [1]})]
+    # collectives wait 60 minutes, not NCCL's 10: rank 0 may write a 7B model's final weights while the others wait
+    hour = datetime.timedelta(minutes=60)
+    assert calls == [("set_device", gpu), ("init", ("nccl",), {"device_id": gpu, "timeout": hour}),
+                     ("barrier", {"device_ids": [1]})]
+
+
+def test_collective_timeout_from_the_environment(monkeypatch):
+    monkeypatch.setenv("OV2_DIST_TIMEOUT_MIN", "90")
+    assert dist.timeout() == datetime.timedelta(minutes=90)
+    for bad in ("0", "-5", "an hour", "nan"):
+        monkeypatch.setenv("OV2_DIST_TIMEOUT_MIN", bad)
+        with pytest.raises(ConfigError, match="OV2_DIST_TIMEOUT_MIN must be a positive number of minutes"):
+            dist.timeout()
+
+
+def test_ddp_looks_for_unused_parameters_in_the_bridge_only(tmp_path, monkeypatch):
+    """Pretraining uses every parameter in every step, so its DDP skips the per-step search for unused ones (a graph
+    walk and a warning); the bridge's keeps it (a text-only batch leaves the projector out). DDP on a one-process
+    gloo group, with wrap told that there are two."""
+    from bridge import engine
+
+    llava = nn.Module()  # what engine.wrap reads of a LLaVA model: its LLM's decoder layers
+    llava.model = nn.Module()
+    llava.model.language_model = nn.Module()
+    llava.model.language_model.layers = nn.ModuleList([nn.Linear(4, 4)])
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "world_size", lambda: 2)
+        pretraining = dist.wrap(nn.Linear(4, 4), "ddp", torch.device("cpu"))
+        bridge = engine.wrap(llava, sharded=False, bf16=False, device=torch.device("cpu"))
+        assert isinstance(pretraining, nn.parallel.DistributedDataParallel) and not pretraining.find_unused_parameters
+        assert isinstance(bridge, nn.parallel.DistributedDataParallel) and bridge.find_unused_parameters
+    finally:
+        torch_dist.destroy_process_group()
 
 
 def test_helpers_on_a_one_process_gloo_group(tmp_path):

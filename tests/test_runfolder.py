@@ -249,3 +249,66 @@ def test_bridge_stage_under_torchrun_trains_one_model_and_writes_once(our_ckpt, 
 if __name__ == "__main__":  # one bridge stage, as a script (torchrun runs it on every rank)
     bridge_stage(*sys.argv[1:])
 
+
+
+class FakeCuda:
+    """torch.cuda's RNG calls as a machine with `count` visible devices answers them (this one has none): a state per
+    device, "cuda" meaning the current one, and torch's own errors for a device that is not there."""
+
+    def __init__(self, count: int, current: int = 0):
+        self.count, self.current = count, current
+        self.states = {i: torch.full((8,), i, dtype=torch.uint8) for i in range(count)}
+
+    def _index(self, device="cuda") -> int:
+        index = self.current if device == "cuda" else int(device)  # the calls made here: "cuda" or an index
+        if index >= self.count:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        return index
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[self._index(device)] = state.clone()
+
+    def get_rng_state_all(self):
+        return [self.get_rng_state(i) for i in range(self.count)]
+
+    def set_rng_state_all(self, states):
+        for i, state in enumerate(states):
+            self.set_rng_state(state, i)
+
+    def install(self, monkeypatch) -> FakeCuda:
+        for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        for name, value in (("is_available", True), ("is_initialized", True), ("device_count", self.count),
+                            ("current_device", self.current)):
+            monkeypatch.setattr(torch.cuda, name, lambda value=value: value)
+        return self
+
+
+def _saved_and_read(monkeypatch, tmp_path, cuda: FakeCuda) -> dict:
+    cuda.install(monkeypatch)
+    torch.save(core.rank_state(), tmp_path / "rng.pt")
+    return torch.load(tmp_path / "rng.pt", weights_only=True)
+
+
+def test_cuda_rng_is_saved_and_restored_for_the_current_device_only(monkeypatch, tmp_path, capsys):
+    """Each process saves the CUDA RNG state of the device it computes on and restores that one: a checkpoint written
+    where 8 GPUs were visible resumes where 1 is (torchrun's rank 5 on cuda:5, resumed in a job that shows each process
+    only its own GPU). A checkpoint that holds every visible device's state (older ones) gives the current device's
+    entry back; one without it is said, not an error."""
+    saved = _saved_and_read(monkeypatch, tmp_path, FakeCuda(8, current=5))
+    assert torch.equal(saved["cuda"], torch.full((8,), 5, dtype=torch.uint8))  # cuda:5's own, not all eight
+    one = FakeCuda(1).install(monkeypatch)
+    core.restore_rng({"rng": saved})
+    assert torch.equal(one.states[0], saved["cuda"])
+    older = {**saved, "cuda": [torch.full((8,), 10 + i, dtype=torch.uint8) for i in range(8)]}
+    for count, current in ((1, 0), (8, 3)):
+        cuda = FakeCuda(count, current).install(monkeypatch)
+        core.restore_rng({"rng": older})
+        assert torch.equal(cuda.states[current], older["cuda"][current])
+    few = FakeCuda(4, current=3).install(monkeypatch)
+    core.restore_rng({"rng": {**older, "cuda": older["cuda"][:2]}})
+    assert torch.equal(few.states[3], torch.full((8,), 3, dtype=torch.uint8))  # left as it was
+    assert "none for cuda:3" in capsys.readouterr().err

@@ -59,14 +59,21 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1] if found else None
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 sharded `model` (its parameters are DTensors), on several processes or on one."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def save_checkpoint(run_dir: str, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, local: dict | None = None) -> str:
     """Collective under torchrun (every rank calls it): the full state dicts, gathered from every rank, saved by the
     one checkpoint scheme of `ov2.checkpoint`; `local` is what each rank keeps of its own (a shard stream's
-    cursors)."""
+    cursors). A sharded model is saved in parts (nothing is gathered), also on one process."""
     from ov2 import distributed as dist
 
-    if dist.world_size() > 1:  # each rank writes its own part (torch.distributed.checkpoint); nothing is gathered
+    if dist.world_size() > 1 or is_sharded(model):  # each rank writes its own part (torch.distributed.checkpoint)
         sharded = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
         return str(core.save(run_dir, state["step"], weights={}, optimizer={}, config=to_dict(cfg), state=state,
                              keep_last=cfg.keep_last, local=local, sharded=sharded))

@@ -17,6 +17,9 @@ on CUDA. Methods:
     liger        Liger's fused linear cross-entropy (CUDA only, when liger-kernel is installed)
     ours         encoder.kernels.linear_cross_entropy (impl="auto": chunked torch on CPU, Triton on CUDA)
 
+A method whose optional package (cut-cross-entropy, liger-kernel) is not installed is recorded as skipped, with the
+reason, not as a failure.
+
 Results go to benchmarks/results/kernels_{cpu,cuda}.{md,json}.
 """
 
@@ -40,6 +43,15 @@ SHAPES = {"caption": (768, 32000), "bridge": (576, 49152)}
 DEFAULT_NS = {"caption": [4096, 8192, 16384, 32768], "bridge": [4096, 8192]}
 CPU_METHODS = ["eager", "compile", "torch_lce", "chunk_loop", "cce", "ours"]
 CUDA_METHODS = ["eager", "compile", "torch_lce", "chunk_loop", "cce", "liger", "ours"]
+OPTIONAL = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}  # method -> the module it needs (not a dependency)
+
+
+def missing(method: str) -> str | None:
+    """Why `method` cannot run here for want of its optional package, or None."""
+    import importlib.util
+
+    module = OPTIONAL.get(method)
+    return f"{module} is not installed" if module and importlib.util.find_spec(module) is None else None
 
 
 def _loss_fn(method: str, device: str):
@@ -244,11 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.append and os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
             rows = json.load(f)["rows"]
+    absent = {m: missing(m) for m in methods if missing(m)}
+    for method, why in absent.items():
+        print(f"{method}: skipped ({why})", file=sys.stderr, flush=True)
     for shape in shapes:
         d, v = SHAPES[shape]
         ns = given_ns or ([8192] if args.quick else DEFAULT_NS[shape])
         for n in ns:
             for method in methods:
+                if method in absent:
+                    rows = [r for r in rows if (r["method"], r["n"], r["d"], r["v"]) != (method, n, d, v)]
+                    rows.append({"method": method, "n": n, "d": d, "v": v, "skipped": absent[method]})
+                    continue
                 if method in ("eager", "compile", "torch_lce") and n > args.max_eager_n:
                     if not any((r["method"], r["n"], r["d"], r["v"]) == (method, n, d, v) for r in rows):
                         rows.append({"method": method, "n": n, "d": d, "v": v, "skipped": "not run (N > max-eager-n)"})
@@ -263,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{shape:8s} N={n:6d} {method:11s} {row['time_s']:.2f} s, {row['peak_bytes'] / 1e9:.2f} GB",
                       flush=True)
                 _save(stem, rows, meta)  # after every process, so an interrupted run keeps what it measured
+    if absent:
+        _save(stem, rows, meta)
     if any("time_s" in r for r in rows):
         print(to_markdown(rows, meta))
         print(f"saved {stem}.md and {stem}.json")

@@ -28,18 +28,22 @@ RUN_RESUME_SAFE = (*RESUME_SAFE, "out", "eval_samples", "device")
 RENAMED = {"save_every": "ckpt_every"}  # older key names in saved configs -> today's
 
 
-# what a run saved before these keys existed was trained with (ChatML always, centre-cropped images)
+# what a run saved before these keys existed was trained with (ChatML always, centre-cropped images), and a stage
+# (no gradient clipping)
 BEFORE = {"chat_template": "chatml", "pad_to_square": False}
+STAGE_BEFORE = {"max_grad_norm": 0.0}
 
 
 def upgrade(tree):
-    """A saved config (stage or run) with older key names renamed to today's (RENAMED), at any depth, and a run
-    config's keys that came later set to what it was trained with (BEFORE)."""
+    """A saved config (stage or run) with older key names renamed to today's (RENAMED), at any depth, and a run or
+    stage config's keys that came later set to what it was trained with (BEFORE, STAGE_BEFORE)."""
     if not isinstance(tree, dict):
         return tree
     out = {RENAMED.get(k, k): upgrade(v) for k, v in tree.items()}
     if "encoder" in out and "stage1" in out:
         out = {**BEFORE, **out}
+    if "stage" in out and "steps" in out:
+        out = {**STAGE_BEFORE, **out}
     return out
 
 
@@ -59,6 +63,7 @@ class LlavaStageConfig:
     lora_alpha: float | None = None  # None: 2 r (LLaVA-1.5's LoRA recipe: r 128, alpha 256)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # clip the gradient's global norm to this before each step (LLaVA: 1.0); 0: off
     bf16: str = "auto"  # bf16 autocast: auto (where the device multiplies bf16 natively: ov2.precision), true, false
     seed: int = 0
     ckpt_every: int = 50
@@ -111,6 +116,8 @@ def validate_stage(cfg: LlavaStageConfig, name: str = "stage") -> LlavaStageConf
         raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.weight_decay < 0:
         raise ConfigError(f"{name}.weight_decay must be 0 or more, got {cfg.weight_decay}")
+    if not cfg.max_grad_norm >= 0:
+        raise ConfigError(f"{name}.max_grad_norm must be 0 (off) or a positive norm, got {cfg.max_grad_norm}")
     return cfg
 
 

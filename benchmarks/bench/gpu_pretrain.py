@@ -4,8 +4,10 @@
     python -m benchmarks.bench.gpu_pretrain fsdp-resume --preset ov2-tiny --batch 32 --out /tmp/f
     python -m benchmarks.bench.gpu_pretrain throughput --preset ov2-micro --batch 16 --steps 4 --out /tmp/t   # CPU
 
-throughput   `ov2 train` at the preset's final image size: warm-up steps, then --steps timed steps, at the
-             largest batch (--batch, halved after each out-of-memory) that fits one process. Reports images/s
+throughput   `ov2 train` at the preset's final image size: warm-up steps, then --steps timed steps of one
+             micro-step each, at the largest micro-batch (--batch, halved after each out-of-memory) that fits one
+             process (the preset's own `micro_batch`, an upper bound counted on the meta device, is reported beside
+             it). Reports images/s
              (median of the timed steps), step time and peak memory (GPU allocator on CUDA, resident set on the CPU),
              read from the run's metrics.jsonl.
 fsdp-resume  `ov2 train --distributed=fsdp` under `torchrun --nproc_per_node=1` (NCCL on a GPU, gloo on the CPU),
@@ -75,12 +77,13 @@ def throughput(preset: str, out: Path, batch: int, steps: int, extra: list[str])
         run = out / f"b{batch}"
         per_stage = [f"--stages.{i}.{key}={value}" for i in range(stages) for key, value in
                      (("image_size", size), ("batch_size", batch), ("steps", steps + 1 if i == stages - 1 else 1))]
-        res = _train(["--preset", preset, "--out", str(run), *per_stage, "--log_every=1", "--ckpt_every=1000000",
-                      "--keep_last=1", *extra])
+        res = _train(["--preset", preset, "--out", str(run), *per_stage, f"--micro_batch={batch}", "--log_every=1",
+                      "--ckpt_every=1000000", "--keep_last=1", *extra])
         if res.returncode == 0:
             numbers = run_numbers(run, batch, stages)
             shutil.rmtree(run, ignore_errors=True)  # its checkpoints (~5 GB for L/14) are not needed
-            report({"preset": preset, "image_size": size, "micro_batch": batch, **numbers})
+            report({"preset": preset, "image_size": size, "micro_batch": batch, "preset_micro_batch": cfg.micro_batch,
+                    **numbers})
             return 0
         shutil.rmtree(run, ignore_errors=True)
         if "out of memory" not in (res.stderr + res.stdout).lower():

@@ -24,7 +24,7 @@ DEFAULT_LR = {1: 1e-3, 2: 2e-5}
 RESUME_SAFE = ("ckpt_every", "keep_last", "nan_patience", "max_bad_fraction", "workers", "progress",
                "gradient_checkpointing")
 # ... and, for the whole run, where it is, how much it evaluates and where it trains
-RUN_RESUME_SAFE = (*RESUME_SAFE, "out", "eval_samples", "device")
+RUN_RESUME_SAFE = (*RESUME_SAFE, "out", "eval_samples", "caption_samples", "device")
 RENAMED = {"save_every": "ckpt_every"}  # older key names in saved configs -> today's
 
 
@@ -145,6 +145,8 @@ class BridgeConfig:
     stage1: LlavaStageConfig = field(default_factory=lambda: LlavaStageConfig(stage=1, steps=100))
     stage2: LlavaStageConfig = field(default_factory=lambda: LlavaStageConfig(stage=2, steps=200))
     eval_samples: int = 200
+    caption_samples: int = 64  # after stage 1: caption loss on unseen built-in scenes (bridge.evaluate.caption_loss),
+    #                            the vision-dependence measure set beside the blind control's; 0: off
     seed: int = 0
     device: str = "auto"  # where the stages train: "auto" (cuda when there is one), "cpu", "cuda", "cuda:1" ...
     blind: bool = False  # the no-vision control: no image reaches the LLM (bridge.assemble.make_blind)
@@ -190,8 +192,9 @@ def validate(cfg: BridgeConfig) -> BridgeConfig:
         unseen = [t for t in tasks if TASKS[t].heldout]
         if unseen:
             raise ConfigError(f"stage2_tasks: {unseen} ask only about held-out scenes: they have no train split")
-    if cfg.eval_samples < 0:
-        raise ConfigError(f"eval_samples must be 0 or more, got {cfg.eval_samples}")
+    for key in ("eval_samples", "caption_samples"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
     if cfg.llm_layers < 0:
         raise ConfigError(f"llm_layers must be 0 (all of the LLM's layers) or more, got {cfg.llm_layers}")
     if cfg.image_size < 0:

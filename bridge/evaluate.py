@@ -76,3 +76,33 @@ def heldout_accuracy(model, processor, n: int = 200, types: tuple[str, ...] = ("
         "n": len(rows),
         "examples": [{"type": t, "pred": p, "answer": a} for t, _, p, a in rows[:8]],
     }
+
+
+@torch.no_grad()
+def caption_loss(model, collate, data, n: int = 64, batch_size: int = 8, progress: bool = True) -> dict:
+    """How much the LLM's captions of unseen scenes depend on the image: the mean per-caption answer-token loss
+    (nats per token) of `data`'s first `n` records (stage-1 caption pairs drawn from a seed no stage trains on) ->
+    {"loss", "stderr" (over captions), "n"}. A bridge whose image tokens carry the scene scores well below a blind
+    one; no benchmark is needed to tell (`ov2 run` puts it in results.csv beside the blind control's)."""
+    from torch.nn.functional import cross_entropy
+
+    from bridge.processor import IGNORE
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    per_caption = []
+    for start in tqdm(range(0, n, batch_size), desc="caption loss", leave=False, disable=not progress):
+        batch = collate([data[i] for i in range(start, min(n, start + batch_size))])
+        pixels = batch["pixel_values"]
+        hidden = model.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                             pixel_values=None if pixels is None else pixels.to(device, next(model.parameters()).dtype),
+                             use_cache=False).last_hidden_state[:, :-1]
+        target = batch["labels"][:, 1:].to(device)
+        keep = target != IGNORE
+        losses = cross_entropy(model.lm_head(hidden[keep]).float(), target[keep], reduction="none")
+        per_caption += [float(x.mean()) for x in losses.split(keep.sum(1).tolist()) if len(x)]
+    model.train(was_training)
+    mean = sum(per_caption) / len(per_caption)
+    var = sum((x - mean) ** 2 for x in per_caption) / max(1, len(per_caption) - 1)
+    return {"loss": mean, "stderr": (var / len(per_caption)) ** 0.5, "n": len(per_caption)}

@@ -120,6 +120,15 @@ def datasets(cfg: BridgeConfig, image_size: int):
     return stage1, stage2
 
 
+def heldout_captions(cfg: BridgeConfig, image_size: int):
+    """Stage-1 caption pairs of the run's scene kinds from a seed no stage trains on (bridge.data.HELDOUT_SEED)."""
+    from bridge.data import HELDOUT_SEED, SynthCaptions
+
+    kinds = tuple(k for k in cfg.synth_kinds.split(",") if k)
+    return SynthCaptions(cfg.caption_samples, seed=HELDOUT_SEED + 1, image_size=max(image_size, SCENE_SIZE),
+                         kinds=kinds)
+
+
 def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
     """Both stages, export and held-out check. Under torchrun every rank trains (each on its share of every batch,
     gradients averaged) and rank 0 owns the folder: lock, status, config, export, evaluation, summary; after the
@@ -128,7 +137,7 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
 
     from bridge.data import Collator
     from bridge.engine import is_sharded
-    from bridge.evaluate import heldout_accuracy
+    from bridge.evaluate import caption_loss, heldout_accuracy
     from bridge.export import export_llava
     from ov2 import distributed as dist
 
@@ -154,6 +163,9 @@ def run(cfg: BridgeConfig, *, evaluate: bool = True) -> dict:
         dist.barrier()
         model.to(device)
         summary["stage1"] = train_stage(model, data1, collate, cfg.stage1, out / "stage1", inputs=(key,))
+        if cfg.caption_samples:  # every rank computes the same numbers: no rank waits in a collective meanwhile
+            summary["caption_loss"] = caption_loss(model, collate, heldout_captions(cfg, tower.image_size),
+                                                   n=cfg.caption_samples)
         with_lora(model, cfg)
         summary["stage2"] = train_stage(model, data2, collate, cfg.stage2, out / "stage2", inputs=(key,))
         merge_lora(model)  # LoRA adapters folded into the LLM: the export is a plain LLaVA either way

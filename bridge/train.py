@@ -257,7 +257,7 @@ def _loop(model, root, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, o
         saved["step"] = state["step"]
 
     loop = LoopConfig(grad_accum=cfg.grad_accum, bf16=bf16, nan_patience=cfg.nan_patience,
-                      ckpt_every=cfg.ckpt_every)
+                      ckpt_every=cfg.ckpt_every, max_grad_norm=cfg.max_grad_norm)
     run_steps(root, opt, loop, state=state, end=end, batch=batch, loss=loss, set_lr=set_lr, log=log,
               save=save, bar=bar, device=device)
     bar.close()

@@ -4,7 +4,7 @@
     columns: COLUMNS (experiment, encoder, task, metric, value, stderr, n, chance, seed, primary; reports.collect
     reads them by this name)
     (`chance` is set on each task's primary metric; encoder-level rows are fmnist_probe / fmnist_zeroshot /
-    fmnist_probe_init with metric "accuracy")
+    fmnist_probe_init with metric "accuracy"; each bridge's vision-dependence row is caption_loss / heldout_nll)
 """
 
 from __future__ import annotations
@@ -60,6 +60,16 @@ def _encoder_eval_rows(result: dict) -> list[dict]:
     return rows
 
 
+def _bridge_rows(summary: dict) -> list[dict]:
+    """The bridge's vision-dependence measure: stage 1's caption loss on unseen scenes (nats per token; lower is
+    better; the blind control's is the no-image floor)."""
+    loss = summary.get("caption_loss")
+    if not isinstance(loss, dict):
+        return []
+    return [{"task": "caption_loss", "metric": "heldout_nll", "value": _num(loss.get("loss")),
+             "stderr": _num(loss.get("stderr")), "n": loss.get("n"), "chance": math.nan, "primary": False}]
+
+
 def collect(experiment: str, stages: list[Stage]) -> pd.DataFrame:
     rows = []
     for st in stages:
@@ -67,6 +77,8 @@ def collect(experiment: str, stages: list[Stage]) -> pd.DataFrame:
             path, parse = st.folder / "scores.json", _eval_rows
         elif st.name == "encoder_eval":
             path, parse = st.folder / "result.json", _encoder_eval_rows
+        elif st.name == "bridge":
+            path, parse = st.folder / "summary.json", _bridge_rows
         else:
             continue
         try:

@@ -36,6 +36,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 
 STAGES = ("pretrain", "export", "bridge", "eval", "encoder_eval")
 # built-in task -> (label in the report, the paper table's column): a view of the suite's one table
+BRIDGE_MEASURES = ("caption_loss",)  # a bridge's own rows (runner.results._bridge_rows), not a benchmark task
 ENCODER_TASKS = {"fmnist_probe": "linear probe", "fmnist_zeroshot": "zero-shot",
                  "fmnist_probe_init": "random-init probe"}
 CURVES = {"pretrain": ("pretrain", "metrics.jsonl"), "bridge stage 1": ("bridge", "stage1/metrics.jsonl"),

@@ -81,3 +81,25 @@ def _sentence(encoders, controls, blind, rows, cleared, diffs, labels) -> str:
                          + (f" and lost on {down}" if down else ""))
     return "; ".join(parts) + ". (A difference counts when its 95% paired-bootstrap interval excludes zero.)"
 
+
+
+def caption_losses(run: dict) -> list[dict]:
+    """Each bridge's vision-dependence measure (results rows caption_loss / heldout_nll: stage 1's caption loss on
+    unseen scenes, nats per token), with its difference from the blind control's where the run has one: rows
+    {"encoder", "role", "loss", "stderr", "vs_blind"} in the run's encoder order; [] when no bridge recorded it."""
+    import math
+
+    res = run["results"]
+    res = res[(res["task"] == "caption_loss") & (res["metric"] == "heldout_nll")]
+    got = {e: res[res["encoder"] == e].iloc[0] for e in run["encoders"] if (res["encoder"] == e).any()}
+    blind = next((e for e in got if control_of(e) == "blind" and (run.get("roles") or {}).get(e) == "control"), None)
+    rows = []
+    for enc, r in got.items():
+        loss, err = float(r["value"]), float(r["stderr"])
+        row = {"encoder": enc, "role": (run.get("roles") or {}).get(enc, "encoder"), "loss": f"{loss:.3f}",
+               "stderr": "" if math.isnan(err) else f"{err:.3f}", "vs_blind": ""}
+        if blind is not None and enc != blind:
+            other = got[blind]
+            row["vs_blind"] = f"{loss - float(other['value']):+.3f}"
+        rows.append(row)
+    return rows

@@ -21,7 +21,7 @@ import jinja2
 import pandas as pd
 
 from reports import collect, figures
-from reports.controls import controls_section
+from reports.controls import caption_losses, controls_section
 from reports.efficiency import efficiency
 from reports.examples import build_examples
 from reports.headline import build_headline
@@ -162,6 +162,7 @@ def context(run_dir: Path, compare: Path | None = None, results_dir: Path | None
         "efficiency": efficiency(family(run, ref) or "ov2", Path(results_dir or collect.RESULTS_DIR)),
         "paper": paper_section(run, summary), "failures": _failures(run), "provenance": _provenance(run),
         "headline": build_headline(run, {c["task"]: c["label"] for c in summary["columns"]}),
+        "caption_losses": caption_losses(run),
         "controls": controls_section(run, [c["task"] for c in summary["columns"]],
                                      {c["task"]: c["label"] for c in summary["columns"]}),
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "generator": GENERATOR,

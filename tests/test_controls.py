@@ -67,13 +67,19 @@ def _run_with_controls(tmp_path):
     mme.write_text("".join(json.dumps({**x, "score": 1.0, "prediction": x["target"]}) + "\n" for x in lines))
     table = pd.read_csv(run / "results.csv")
     table.insert(2, "role", ["control" if e in ("blind", "random-init") else "encoder" for e in table["encoder"]])
+    losses = {"ov2": 1.6, "ov1": 1.8, "blind": 3.2, "random-init": 2.9}  # the bridges' caption losses
+    table = pd.concat([table, pd.DataFrame([{**table.iloc[0].to_dict(), "encoder": e, "task": "caption_loss",
+                                             "metric": "heldout_nll", "value": v, "stderr": 0.05, "n": 64,
+                                             "chance": float("nan"), "primary": False, "role": table.loc[
+                                                 table["encoder"] == e, "role"].iloc[0]}
+                                            for e, v in losses.items()])])
     table.to_csv(run / "results.csv", index=False)
     return run
 
 
 def test_the_report_reads_each_encoder_against_the_controls(tmp_path):
     from reports.collect import load_run
-    from reports.controls import controls_section
+    from reports.controls import caption_losses, controls_section
     from reports.render import build_report
     from reports.summary import build_summary
 
@@ -95,8 +101,13 @@ def test_the_report_reads_each_encoder_against_the_controls(tmp_path):
     assert f"ov2 beats blind on {len(tasks) - 1} of {len(tasks)} tasks" in section["sentence"]
     assert "at this scale these do not need vision" in section["sentence"] and "pretraining ov2 beat random-init" \
         in section["sentence"]
+    losses = {r["encoder"]: r for r in caption_losses(loaded)}
+    assert list(losses) == ["ov2", "ov1", "blind", "random-init"]
+    assert (losses["ov2"]["loss"], losses["ov2"]["vs_blind"], losses["blind"]["vs_blind"]) == ("1.600", "-1.600", "")
+    assert losses["random-init"]["role"] == "control" and losses["ov1"]["stderr"] == "0.050"
     html = build_report(run).read_text()
     assert 'id="controls-table"' in html and "does not need vision at this scale" in html
+    assert 'id="caption-loss-table"' in html and "-1.600" in html
     assert html.count('<span class="badge">control</span>') == 2
 
 

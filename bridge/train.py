@@ -125,9 +125,7 @@ def train_stage(model, dataset, collate, cfg: LlavaStageConfig, out_dir: str | P
     out_dir = Path(out_dir)
     check_out(out_dir)
     runfolder.check_unlocked(out_dir)
-    names = {id(p): n for n, p in model.named_parameters()}
-    trained = trainable_groups(model, stage=cfg.stage, unfreeze_vision=cfg.unfreeze_vision)
-    groups = {group: [names[id(p)] for p in params] for group, params in trained.items()}
+    groups = trainable_names(model, cfg)  # names only: a parameter held here would outlive FSDP2's sharding
     done = out_dir / "done.json"
     found = core.newest(out_dir, core.read)
     step = found[1]["state"]["step"] if found else 0
@@ -174,6 +172,15 @@ def train_stage(model, dataset, collate, cfg: LlavaStageConfig, out_dir: str | P
     if main and summary["steps"] < cfg.steps:
         runfolder.write_status(out_dir, "interrupted", error=f"stopped at step {summary['steps']}")
     return summary
+
+
+def trainable_names(model, cfg: LlavaStageConfig) -> dict[str, list[str]]:
+    """{group: parameter names} of what the stage trains (bridge.assemble.trainable_groups sets requires_grad). Only
+    names leave: a reference to an unsharded parameter kept past `engine.wrap` would hold its whole storage on every
+    rank (a float32 copy of the LLM per GPU)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {group: [names[id(p)] for p in params] for group, params in
+            trainable_groups(model, stage=cfg.stage, unfreeze_vision=cfg.unfreeze_vision).items()}
 
 
 def _optimizer(model, groups: dict[str, list[str]], cfg: LlavaStageConfig) -> torch.optim.Optimizer:

@@ -6,8 +6,9 @@
 
 One process builds the model once and times full optimizer steps (forward, answer loss, backward, AdamW) on one
 fixed built-in batch, the variants interleaved round by round so that a busy machine slows them alike; the table
-gives the median step time of each and its ratio to float32. bf16 pays off where the CPU multiplies bf16 natively
-(avx512_bf16 / AMX) or on a GPU; the table names the CPU's flags so a reader can tell.
+gives the median step time of each, its ratio to float32, and the step's achieved TFLOP/s beside torch's own matmul
+rate in the same precision on the step's shapes (the limit), measured in the same process. bf16 pays off where the
+CPU multiplies bf16 natively (avx512_bf16 / AMX) or on a GPU; the table names the CPU's flags so a reader can tell.
 Writes NAME.md and NAME.json (default benchmarks/results/bridge_step_cpu) and never overwrites them without --force.
 """
 
@@ -43,6 +44,32 @@ def timed_step(model, opt, loss_fn, batch: dict, bf16: bool) -> float:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+def step_flops(model, opt, loss_fn, batch: dict) -> int:
+    """Floating-point operations of one step's forward and backward (torch's FLOP counter: matmuls; the CPU's fused
+    attention counts 0, a few percent at these lengths), the optimizer's elementwise update left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model, batch)["lm_loss"].backward()
+    opt.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_rate(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
+    """torch's own [m, k] @ [k, n] rate in TFLOP/s (median of `repeats`, after a warm-up): the machine's limit on
+    the step's own shapes."""
+    import torch
+
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times) / 1e12
 
 
 def bench_parser(prog: str, doc: str, out: str, unit: str) -> ArgumentParser:
@@ -87,10 +114,20 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
                     times[(stage, bf16)].append(seconds)
             if progress:
                 print(f"round {r}/{repeats}: stage {stage} {'bf16' if bf16 else 'fp32'} done", file=sys.stderr)
+    flops = {}
+    for stage in (1, 2):
+        groups = trainable_groups(model, stage=stage)
+        flops[stage] = step_flops(model, optimizers[stage], loss_fn, batches[stage])
+    llm = model.config.text_config
     rows = []
     for (stage, bf16), ts in times.items():
+        tokens = int(batches[stage]["input_ids"].numel())  # padded: what the step multiplies
+        limit = matmul_rate(tokens, llm.hidden_size, llm.intermediate_size, torch.bfloat16 if bf16 else torch.float32)
+        achieved = flops[stage] / statistics.median(ts) / 1e12
         rows.append({"stage": stage, "precision": "bf16" if bf16 else "fp32", "median_s": statistics.median(ts),
-                     "min_s": min(ts), "n": len(ts), "tokens": int(batches[stage]["attention_mask"].sum())})
+                     "min_s": min(ts), "n": len(ts), "tokens": int(batches[stage]["attention_mask"].sum()),
+                     "tflop": flops[stage] / 1e12, "tflops": achieved, "matmul_tflops": limit,
+                     "of_matmul": achieved / limit})
     for row in rows:
         fp32 = next(x for x in rows if x["stage"] == row["stage"] and x["precision"] == "fp32")
         row["ratio_to_fp32"] = row["median_s"] / fp32["median_s"]
@@ -100,10 +137,15 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
 def table(rows: list[dict], meta: dict) -> str:
     lines = [f"# LLaVA step time: {meta['llm']} + {meta['encoder']}, batch {meta['batch']}",
              "", f"`{meta['command']}` on {meta['machine']} (CPU flags: {meta['flags']}, {meta['threads']} threads).",
-             "", "| stage | precision | median s/step | min s/step | steps | tokens/batch | ratio to fp32 |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| stage | precision | median s/step | min s/step | steps | tokens/batch | ratio to fp32 | TFLOP/step "
+                 "| achieved TFLOP/s | matmul TFLOP/s (same precision, step's MLP shape) | of matmul |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['precision']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['n']} | {r['tokens']} "
-              f"| {r['ratio_to_fp32']:.2f} |" for r in rows]
+              f"| {r['ratio_to_fp32']:.2f} | {r['tflop']:.3f} | {r['tflops']:.3f} | {r['matmul_tflops']:.3f} "
+              f"| {100 * r['of_matmul']:.0f}% |" for r in rows]
+    lines += ["", "Achieved: the step's matmul FLOPs (torch's counter, forward + backward) over its median time. "
+              "Matmul: torch's own rate on [padded tokens, hidden] @ [hidden, intermediate] in that precision, in the "
+              "same process: the limit the step is measured against."]
     return "\n".join(lines) + "\n"
 
 

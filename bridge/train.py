@@ -231,13 +231,13 @@ def _loop(model, root, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, o
     def loss(inputs: dict) -> dict:
         out = root(inputs)
         if world == 1:
-            tokens["n"] += int(out["tokens"])
+            tokens["n"] += out["tokens"].detach()  # read once per step, by log(): no host sync per micro-step
             return {"loss": out["lm_loss"]}
         # Mean over the global batch's answer tokens, not a mean of the ranks' means: each rank's share is weighted
         # by its tokens, so the averaged gradients equal one process's on the whole batch.
         counts = torch.stack([out["tokens"].float(), out["lm_loss"].detach().float() * out["tokens"]])
         dist.all_reduce_sum_(counts)
-        tokens["n"] += int(counts[0])
+        tokens["n"] += counts[0].detach()
         return {"loss": out["lm_loss"] * out["tokens"] * world / counts[0], "global": counts[1] / counts[0]}
 
     def set_lr(step: int) -> float:
@@ -248,7 +248,8 @@ def _loop(model, root, dataset, collate, cfg: LlavaStageConfig, out_dir: Path, o
 
     def log(step: int, lr: float, terms: dict) -> None:  # the global batch's loss and answer tokens
         state["elapsed"] = metrics.elapsed()
-        last.update(metrics.write(step, terms.get("global", terms["loss"]), lr, stage=cfg.stage, tokens=tokens["n"]))
+        last.update(metrics.write(step, terms.get("global", terms["loss"]), lr, stage=cfg.stage,
+                                  tokens=int(tokens["n"])))
         tokens["n"] = 0
         bar.set_postfix(loss=f"{last['loss']:.4f}")
 

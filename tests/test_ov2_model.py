@@ -119,3 +119,22 @@ def test_greedy_generation_stops_at_eos_and_pads_after_it():
     finished = [i for i, row in enumerate(out.tolist()) if EOS in row]
     early = model.generate(pixels[finished], max_len=max_len)  # only rows that end: generation stops with them
     assert early.shape[1] == max(ends[i] for i in finished) + 1 < max_len, early
+
+
+def test_a_position_table_of_another_grid_is_built_once(monkeypatch):
+    """A stage at another resolution than the ViT's own builds its position table once per (grid, device, dtype),
+    not on every forward (on a GPU each rebuild was a blocking host-to-device copy); the numbers are the table's."""
+    from encoder.models import vit
+
+    built = []
+    original = vit.position_table
+    monkeypatch.setattr(vit, "position_table", lambda *a: built.append(a) or original(*a))
+    model = vit.ViT(vit.ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64))
+    built.clear()  # the model's own 4 x 4 grid: its buffer
+    pixels = torch.randn(2, 3, 16, 16)
+    first, second = model(pixels)["tokens"], model(pixels)["tokens"]
+    assert built == [(2, 2, 32)]  # 16 px / patch 8: one table, for the 2 x 2 grid
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    x = model.patch_embed(pixels).flatten(2).transpose(1, 2)
+    x = torch.cat([model.cls_token.expand(2, -1, -1), x], dim=1)
+    torch.testing.assert_close(model.embed(pixels), x + original(2, 2, 32))

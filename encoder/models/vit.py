@@ -91,8 +91,19 @@ class ViT(nn.Module):
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        pos = self.pos_embed if (h, w) == (self.cfg.grid, self.cfg.grid) else position_table(h, w, x.shape[-1])
-        return x + pos.to(device=x.device, dtype=x.dtype)
+        return x + self.position(h, w, x.device, x.dtype)
+
+    def position(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[1, 1 + h w, D] position table of an h x w grid on `device` in `dtype`: the buffer for the model's own grid,
+        any other grid built once per (grid, device, dtype) and kept (a stage at another resolution would otherwise
+        rebuild it on the host and copy it, a blocking host-to-device transfer, every micro-step)."""
+        if (h, w) == (self.cfg.grid, self.cfg.grid):
+            return self.pos_embed.to(device=device, dtype=dtype)
+        key = (h, w, str(device), dtype)
+        tables = self.__dict__.setdefault("_tables", {})  # not a buffer: never saved, never moved by .to()
+        if key not in tables:
+            tables[key] = position_table(h, w, self.cfg.width).to(device=device, dtype=dtype)
+        return tables[key]
 
     def forward(self, pixels: torch.Tensor, output_hidden_states: bool = False) -> dict[str, torch.Tensor]:
         """tokens: [B, 1 + N, D] (last block, no final LN); hidden_states: embeddings + every block."""

@@ -43,6 +43,7 @@ from encoder.data.loader import DataError, make_loader
 from encoder.data.sources import open_source
 from encoder.data.stream import StreamError, advance, check_layout
 from encoder.data.stream import layout as stream_layout
+from encoder.data.transforms import normalize
 from encoder.models import build_losses, build_model, text_inputs
 from ov2 import checkpoint as core
 from ov2 import distributed as dist
@@ -98,9 +99,12 @@ def _stage_bounds(cfg: TrainConfig) -> list[tuple[int, int]]:
 
 
 def _model_inputs(batch: dict, device: torch.device) -> dict:
-    """Every batch entry but the counters, tensors moved to the device; models take what they need (**kwargs)."""
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
-            if k not in ("seen", "bad", "stream")}
+    """Every batch entry but the counters, tensors moved to the device, the uint8 pixels normalised there (a quarter
+    of float32's bytes cross from the workers and to the device); models take what they need (**kwargs)."""
+    inputs = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
+              if k not in ("seen", "bad", "stream")}
+    inputs["pixels"] = normalize(inputs["pixels"])
+    return inputs
 
 
 def _check_weights(bundle: dict, module: nn.Module, path: str) -> None:

@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                                        "batch headroom"),
     "bench bridge": ("benchmarks.bench.bridge_step:main", "LLaVA stage 1 / stage 2 step time, float32 vs bf16"),
     "bench data": ("benchmarks.bench.data_stream:main", "shard streaming: start-up, memory and samples/s at two set "
-                                                        "sizes"),
+                                                        "sizes; images/s per worker at 84 px"),
     "bench image-use": ("benchmarks.bench.image_use:main", "does a bridged model look at the image? option likelihood "
                                                            "with its own vs a shuffled image"),
     "bench bridge-options": ("benchmarks.bench.bridge_options:main", "bridge options on a CPU budget (full LLM vs "

@@ -180,13 +180,15 @@ def _pretrain_batches(family: str, steps: int):
     from encoder.data.loader import make_loader
     from encoder.data.sources import open_source
     from encoder.models import text_inputs
+    from encoder.train import _model_inputs
 
     cfg = get_preset(f"{family}-micro")
     cfg = replace(cfg, data=replace(cfg.data, workers=0))
     stage = cfg.stages[0]
     loader = iter(make_loader(open_source(cfg.data, render_size=stage.image_size), cfg.data, stage.image_size, 4,
                               cfg.seed, 0, text_inputs(cfg.model)))
-    return cfg, [{k: v for k, v in next(loader).items() if torch.is_tensor(v)} for _ in range(steps)]
+    return cfg, [{k: v for k, v in _model_inputs(next(loader), torch.device("cpu")).items() if torch.is_tensor(v)}
+                 for _ in range(steps)]  # pixels normalised, as the trainer does
 
 
 @pytest.mark.parametrize("family", ["ov2", "ov1", "clip"])

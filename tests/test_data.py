@@ -38,8 +38,39 @@ def test_transforms_shapes_and_determinism():
     image = make_scene(0, 1, 64).image
     x = train_transform(image, 32, np.random.default_rng(0))
     y = train_transform(image, 32, np.random.default_rng(0))
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and torch.equal(x, y)
-    assert eval_transform(48)(image).shape == (3, 48, 48)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and torch.equal(x, y)  # bytes: normalised on the device
+    assert eval_transform(48)(image).shape == (3, 48, 48) and eval_transform(48)(image).dtype == torch.float32
+
+
+def test_loader_collates_bytes_and_the_trainer_normalises_them_to_the_same_numbers():
+    """The loader used to normalise in numpy in its workers and collate float32; the model must see exactly those
+    numbers from the bytes it now collates, normalised after the copy to the device."""
+    from dataclasses import replace
+
+    from encoder.config import get_preset
+    from encoder.data.loader import make_loader
+    from encoder.data.sources import open_source
+    from encoder.data.transforms import MEAN, STD, normalize
+    from encoder.models import text_inputs
+    from encoder.train import _model_inputs
+
+    cfg = get_preset("ov2-micro")
+    cfg = replace(cfg, data=replace(cfg.data, workers=0))
+    size = cfg.stages[0].image_size
+    batch = next(iter(make_loader(open_source(cfg.data, render_size=size), cfg.data, size, 6, cfg.seed, 0,
+                                  text_inputs(cfg.model))))
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (6, 3, size, size)
+    assert len(torch.unique(batch["pixels"])) > 32  # real images, not a constant
+    pixels = _model_inputs(batch, torch.device("cpu"))["pixels"]
+    old = np.asarray(batch["pixels"], dtype=np.float32) / 255.0  # the float32 path the workers ran before
+    old = (old - np.asarray(MEAN, dtype=np.float32)[:, None, None]) / np.asarray(STD, dtype=np.float32)[:, None, None]
+    assert pixels.dtype == torch.float32 and torch.equal(pixels, torch.from_numpy(old))
+    every = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 16, 16)  # every byte value, every channel
+    flat = np.asarray(every, dtype=np.float32) / 255.0
+    flat = (flat - np.asarray(MEAN, dtype=np.float32)[:, None, None]) / np.asarray(STD, dtype=np.float32)[:, None, None]
+    assert torch.equal(normalize(every), torch.from_numpy(flat))
+    with pytest.raises(TypeError, match="uint8"):  # normalised twice would be silently wrong
+        normalize(pixels)
 
 
 def _png(color=(200, 10, 10)) -> bytes:

@@ -4,10 +4,11 @@ The sample order is a pure function of (seed, position): epoch e visits `permuta
 source, and a checkpoint stores only the position (samples consumed). Augmentation draws from a numpy
 Generator seeded by (seed, epoch, index), so worker count and restarts never change a batch.
 
-A batch is {"pixels": [B, 3, S, S], "captions", "alts", "sentences": list[str], "seen": int, "bad": {reason:
+A batch is {"pixels": uint8 [B, 3, S, S], "captions", "alts", "sentences": list[str], "seen": int, "bad": {reason:
 count}} plus the token tensors the model takes: the collate tokenises them (models never see strings), as named by
 the model class's `text_inputs(cfg)`, e.g. {"tokens": ("caption", 128)} for OpenVision 2 -> "tokens" [B, T].
-Unusable samples are dropped from the batch and counted.
+Unusable samples are dropped from the batch and counted. Pixels stay bytes until the trainer has copied them to
+its device, where `encoder.data.transforms.normalize` makes the model's float32 input.
 """
 
 from __future__ import annotations

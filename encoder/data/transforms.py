@@ -3,8 +3,10 @@
 train: random resized crop (scale 0.4-1, ratio 3/4-4/3; bilinear or bicubic, antialiased: PIL widens the filter
 when it shrinks) -> with probability `jitter_p`, colour jitter in random order (brightness, contrast, saturation
 factors from [1 - jitter, 1 + jitter]; hue shifted by up to +-`hue` of the colour circle when hue > 0) -> random
-grayscale (p 0.2) -> tensor -> ImageNet normalisation. eval: resize the short side, centre crop, normalise.
-Output: float32 [3, S, S].
+grayscale (p 0.2) -> uint8 [3, S, S]: the pretraining loader collates bytes (a quarter of float32's across the
+worker boundary and the host-to-device copy) and the trainer normalises on the device (`normalize`, after the copy;
+the same float32 operations as `to_tensor`, so the model sees the same numbers). eval: resize the short side, centre
+crop, normalise: float32 [3, S, S].
 
 The released OpenVision recipe is SimCLR's jitter with strength 0.4 (brightness / contrast / saturation 0.32,
 hue 0.08) applied with p 0.8, grayscale p 0.2, bilinear resize (`encoder.config.RELEASED_DATA`, the paper
@@ -13,6 +15,7 @@ presets' default). The tiny presets keep a gentle jitter on every image and no h
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -44,10 +47,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray((np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "L").convert("RGB")
 
 
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """uint8 [3, S, S] of an image, as 8-bit RGB."""
+    return torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+@functools.cache
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """255, MEAN and STD as float32 tensors on a device, made once (no host-to-device copy per batch). 255 is a
+    tensor too: CUDA divides by a host scalar as a multiply by its reciprocal, which can differ in the last bit."""
+    return (torch.tensor(255.0).to(device),
+            *(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(device) for v in (MEAN, STD)))
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, S, S] -> float32 ImageNet-normalised, on the pixels' device: (x / 255 - MEAN) / STD with each
+    operation in float32, as `to_tensor` did in numpy before the loader collated bytes: the same numbers."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"normalize takes uint8 pixels, got {pixels.dtype} (already normalised?)")
+    scale, mean, std = _constants(pixels.device)
+    return (pixels.to(torch.float32) / scale - mean) / std
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
-    array = (array - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+    """float32 [3, S, S], normalised."""
+    return normalize(to_uint8(image))
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator, scale=(0.4, 1.0),
@@ -97,12 +121,13 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 def train_transform(image: Image.Image, size: int, rng: np.random.Generator, scale=(0.4, 1.0), jitter: float = 0.4,
                     grayscale_p: float = 0.2, hue: float = 0.0, jitter_p: float = 1.0,
                     resize: str = "bicubic") -> torch.Tensor:
+    """uint8 [3, size, size]; `normalize` makes the model's input of it."""
     image = random_resized_crop(to_rgb(image), size, rng, scale, resize=resize)
     if jitter_p >= 1.0 or rng.random() < jitter_p:  # p 1 draws nothing: the tiny presets' stream stays as it was
         image = color_jitter(image, rng, jitter, hue)
     if rng.random() < grayscale_p:
         image = image.convert("L").convert("RGB")
-    return to_tensor(image)
+    return to_uint8(image)
 
 
 def eval_transform(size: int):

@@ -86,3 +86,27 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not list(tmp_path.iterdir())
     help_text = run_inprocess("bench", "memory", "--help").stdout
     assert "meta device" in help_text and "ov2 bench memory" in help_text
+
+
+def test_the_state_row_counts_what_stage_2s_own_set_up_holds(monkeypatch):
+    """bridge.train's names -> engine.wrap -> optimizer under a fake group of 2 ranks: each rank holds about half the
+    float32 model (FSDP2's padding aside); on one process, the whole. A reference that keeps the unsharded
+    parameters alive past the sharding (what stage 2 did before it kept only names) is counted too."""
+    from bridge import train
+
+    whole = mem.param_counts(mem.build(tiny()))["total"] * 4
+    buffers = sum(b.untyped_storage().nbytes() for b in mem.build(tiny()).buffers())  # rotary tables, position ids
+    one, two = mem.held_by_stage2(tiny(), 1), mem.held_by_stage2(tiny(), 2)
+    assert not one["sharded"] and one["parameters"] == whole + buffers
+    assert two["sharded"] and 0.5 <= two["parameters"] / whole < 0.52, two["parameters"] / whole
+    trainable = mem.param_counts(mem.build(tiny()))["trainable"] * 4
+    assert 0.5 <= two["trainable"] / trainable < 0.52
+    held = []
+    names = train.trainable_names
+
+    def keeping(model, cfg):  # the old stage kept the parameters it trains in a local until it returned
+        held.append(list(model.parameters()))
+        return names(model, cfg)
+
+    monkeypatch.setattr(train, "trainable_names", keeping)
+    assert mem.held_by_stage2(tiny(), 2)["parameters"] >= 1.5 * whole

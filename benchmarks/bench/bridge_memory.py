@@ -8,14 +8,19 @@ V 32000), CLIP ViT-L/14-336 frozen (576 image tokens from layer -2, CLS dropped)
 projector (with biases). Stage 2 trains projector + LLM with AdamW; the tower is frozen (requires_grad off, as the
 bridge does, so autograd saves nothing for it).
 
-Engine assumed: FSDP2 `fully_shard` on every decoder layer and on the root (everything else, tower included, as
-ov2.distributed.wrap shards blocks + root), MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32), W ranks:
-  parameters        float32 shards: all parameters x 4 bytes / W
-  gradients         float32 shards: trainable x 4 / W
-  optimizer states  AdamW exp_avg + exp_avg_sq, float32 shards: trainable x 8 / W
-  gathered          bf16 unsharded root unit (FSDP2 keeps the root gathered through the step) + 2 decoder layers
-                    (one computing, one prefetched)
-  reduce-scatter    the largest unit's unsharded gradient, bf16 plus its float32 copy for the reduction
+The state is what the code holds: stage 2's own set-up (`bridge.train.trainable_names`, then `bridge.engine.wrap`,
+then `bridge.train._optimizer`, in train_stage's order) runs on the meta model under a fake process group of W ranks
+(torch's testing FakeStore; no collective runs), and every meta storage still alive after it is counted once (gc), so
+a reference that keeps a whole parameter alive past the sharding is counted as well as FSDP2's padded shards. On W > 1
+that is FSDP2 `fully_shard` on every decoder layer and on the root (everything else, tower included),
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32); on one process the code does not shard:
+  parameters        counted: the live storages after set-up (float32; buffers such as rotary tables included)
+  gradients         float32, the trainable parameters' counted shards (whole on one process)
+  optimizer states  AdamW exp_avg + exp_avg_sq: twice that
+  gathered          W > 1: bf16 unsharded root unit (FSDP2 keeps the root gathered through the step) + 2 decoder layers
+                    (one computing, one prefetched); one process: autocast's bf16 copy of every trainable weight
+                    (cached through the forward, saved for the backward)
+  reduce-scatter    W > 1: the largest unit's unsharded gradient, bf16 plus its float32 copy for the reduction
 Activations are per rank (B x T tokens, not sharded) and measured: the forward (LlavaModel, then the loss head) runs
 on the meta device in bf16 under `torch.autograd.graph.saved_tensors_hooks`, and every storage saved for backward
 is counted once. Storages are told apart by identity (`untyped_storage()._cdata`, the meta analogue of a data
@@ -127,11 +132,65 @@ def param_counts(model) -> dict:
             "root_trainable": numel(p for p in model.parameters() if p.requires_grad) - sum(layers)}
 
 
-def state_bytes(counts: dict, world: int) -> dict:
-    """Per-rank bytes of the FSDP2 state (see the module docstring)."""
-    return {"parameters": counts["total"] * 4 / world, "gradients": counts["trainable"] * 4 / world,
-            "optimizer": counts["trainable"] * 8 / world, "gathered": (counts["root"] + 2 * counts["layer"]) * 2,
-            "reduce_scatter": max(counts["root_trainable"], counts["layer"]) * (2 + 4)}
+@contextlib.contextmanager
+def fake_group(world: int):
+    """A process group of `world` ranks in which this process is rank 0 and no collective communicates."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("ov2 bench memory counts under a fake process group: run it outside torchrun")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def live_meta_bytes() -> int:
+    """Bytes of every meta storage alive in this process, each counted once (a DTensor by its local shard)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    seen = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and type(obj).__name__ != "DTensor" and obj.device.type == "meta":
+            storage = obj.untyped_storage()
+            seen[storage._cdata] = storage.nbytes()
+    return sum(seen.values())
+
+
+def held_by_stage2(cfg, world: int) -> dict:
+    """What one rank holds after stage 2's set-up as bridge.train runs it (module docstring): {"parameters": live
+    bytes, "trainable": bytes of the trainable parameters' local shards, "sharded": whether FSDP2 wrapped it}."""
+    import torch
+
+    from bridge import engine
+    from bridge.config import LlavaStageConfig
+    from bridge.train import _optimizer, trainable_names
+
+    before = live_meta_bytes()
+    stage = LlavaStageConfig(stage=2, steps=1, batch_size=world, fsdp=True)
+    with fake_group(world):
+        model = build(cfg)
+        groups = trainable_names(model, stage)
+        root = engine.wrap(model, world > 1, True, torch.device("cpu"))
+        optimizer = _optimizer(model, groups, stage)
+        local = lambda p: p.to_local() if type(p).__name__ == "DTensor" else p  # noqa: E731
+        trainable = sum(local(p).untyped_storage().nbytes() for g in optimizer.param_groups for p in g["params"])
+        held = {"parameters": live_meta_bytes() - before, "trainable": trainable, "sharded": engine.is_sharded(model)}
+        del model, root, optimizer
+    return held
+
+
+def state_bytes(counts: dict, held: dict) -> dict:
+    """Per-rank bytes of the training state (see the module docstring)."""
+    sharded = held["sharded"]
+    return {"parameters": held["parameters"], "gradients": held["trainable"], "optimizer": 2 * held["trainable"],
+            "gathered": (counts["root"] + 2 * counts["layer"]) * 2 if sharded else counts["trainable"] * 2,
+            "reduce_scatter": max(counts["root_trainable"], counts["layer"]) * (2 + 4) if sharded else 0}
 
 
 def batch_inputs(cfg, batch: int, seq: int, device: str, dtype) -> dict:
@@ -228,9 +287,10 @@ def estimate(batch: int, seq: int, worlds: list[int], gpu_gib: float, allowance_
     for name in ATTENTION:
         acts[f"no_checkpointing_{name}"] = plain[name]["saved"] + head
         acts[f"checkpointing_{name}"] = ckpt["saved"] + plain[name]["largest_layer"] + head
-    rows = []
+    rows, held = [], {}
     for world in worlds:
-        row = {"world": world, **{k: v / GIB for k, v in state_bytes(counts, world).items()},
+        held[world] = held_by_stage2(llava_config(), world)
+        row = {"world": world, **{k: v / GIB for k, v in state_bytes(counts, held[world]).items()},
                **{k: v / GIB for k, v in acts.items()}, "allowance": allowance_gib}
         fixed = sum(row[k] for k in ("parameters", "gradients", "optimizer", "gathered", "reduce_scatter",
                                      "allowance"))
@@ -239,12 +299,12 @@ def estimate(batch: int, seq: int, worlds: list[int], gpu_gib: float, allowance_
         row["fits_checkpointing"] = row["total_checkpointing_flash"] <= gpu_gib
         row["fits_no_checkpointing"] = row["total_no_checkpointing_flash"] <= gpu_gib
         rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
-    return {"rows": rows, "counts": counts, "loss_head": head, "plain": plain, "checkpointing": ckpt}
+    return {"rows": rows, "counts": counts, "loss_head": head, "plain": plain, "checkpointing": ckpt, "held": held}
 
 
-LABELS = [("parameters", "parameters (float32 shards, tower included)"),
+LABELS = [("parameters", "parameters held after stage 2's set-up (float32 shards, tower included; counted)"),
           ("gradients", "gradients (float32 shards)"), ("optimizer", "optimizer states (AdamW, float32 shards)"),
-          ("gathered", "gathered layers (bf16: root unit + 2 decoder layers)"),
+          ("gathered", "gathered layers (bf16: root unit + 2 decoder layers; 1 process: autocast's weight copies)"),
           ("reduce_scatter", "unsharded gradient before reduce-scatter (largest unit, bf16 + float32)"),
           ("no_checkpointing_flash", "activations, no checkpointing (flash)"),
           ("no_checkpointing_sdpa_meta", "activations, no checkpointing (sdpa as on meta: saves T x T)"),
@@ -270,12 +330,19 @@ def report(result: dict, a, command: str) -> str:
     if eight["fits_checkpointing"] and not eight["fits_no_checkpointing"]:
         verdict += "; not without it"
     f, m, k = result["plain"]["flash"], result["plain"]["sdpa_meta"], result["checkpointing"]
+    held = "; ".join(f"{w} rank(s): {gib(h['parameters'])} GiB, {h['parameters'] / (c['total'] * 4):.3f} of the "
+                     f"float32 model" for w, h in result["held"].items())
     return (f"# LLaVA-1.5 stage 2 (7B) memory per rank under FSDP2, counted on the meta device\n\n`{command}`: "
             f"Vicuna-7B-shaped LLM + CLIP ViT-L/14-336 (frozen) + 2-layer GELU projector; per-GPU batch {a.batch} "
             f"x {a.seq} tokens (576 image tokens inside), bf16 compute, AdamW; FSDP2 full sharding with float32 "
-            f"master weights, gradients and optimizer states.\n\n{table}\n**Verdict: {verdict}.**\n\n"
+            f"master weights, gradients and optimizer states (one process: not sharded, as the code runs it)."
+            f"\n\n{table}\n**Verdict: {verdict}.**\n\n"
             f"Parameters: {c['total']:,} ({c['trainable']:,} trainable: LLM + projector {c['projector']:,}; "
-            f"{c['frozen']:,} frozen tower); {c['layer']:,} per decoder layer; root unit {c['root']:,}.\n\n"
+            f"{c['frozen']:,} frozen tower); {c['layer']:,} per decoder layer; root unit {c['root']:,}. The parameter "
+            f"row is counted from what stays alive after stage 2's own set-up (names, engine.wrap, optimizer) under a "
+            f"fake process group: {held}. Before stage 2 shards it, every rank holds the whole model in float32 "
+            f"on its GPU ({gib(c['total'] * 4)} GiB: bridge.pipeline.run moves it there for stage 1, whose "
+            f"activations come on top) and, while loading, on the host.\n\n"
             f"Activations measured (GiB; saved-for-backward storages, each once): no checkpointing, flash: decoder "
             f"layers {gib(f['layers'])} (largest {gib(f['largest_layer'])}), projector {gib(f['projector'])}, tower "
             f"{gib(f['tower'])}, rest (final norm, token ids, rotary tables) {gib(f['rest'])}; sdpa as on meta: layers "
@@ -328,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": command.strip(), "batch": a.batch, "seq": a.seq, "gpu_gib": a.gpu_gib, "units": "GiB",
             "params": result["counts"], "activation_bytes": {"no_checkpointing": result["plain"],
                                                               "checkpointing": result["checkpointing"],
-                                                              "loss_head": result["loss_head"]}}
+                                                              "loss_head": result["loss_head"]},
+            "held_after_setup_bytes": {str(w): h for w, h in result["held"].items()}}
     write_results(out_dir, name, result["rows"], md, a.force, formats=("md", "json"), meta=meta)
     print(md)
     return 0

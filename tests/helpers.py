@@ -44,17 +44,20 @@ def records(run: str) -> list[dict]:
     return read_metrics(os.path.join(run, "metrics.jsonl"))
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4, msg: str = "") -> None:
-    """|actual - expected| <= rel x max|expected| everywhere.
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4, msg: str = "",
+                        floor: float = 0.0) -> None:
+    """|actual - expected| <= rel x max(max|expected|, floor) everywhere.
 
     Two float32 computations of the same quantity (2 ranks vs 1 process, chunked vs eager, ours vs transformers)
     differ in the last bits by an amount that follows the magnitude of the whole tensor (reduction order), not of
     each element: an element near zero can differ by far more than its own size. A fixed absolute or per-element
     relative tolerance therefore passes on one CPU and fails on the next; a tolerance scaled to the tensor does not.
+    `floor`: the scale of a tensor that is small only because it started at zero (a bias after a few optimizer
+    steps: its differences follow the step size, which is the same for every parameter, not its own size).
     """
     assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    scale = float(e.abs().max()) if e.numel() else 0.0
+    scale = max(float(e.abs().max()) if e.numel() else 0.0, floor)
     worst = float((a - e).abs().max()) if e.numel() else 0.0
     assert worst <= rel * scale or worst == 0.0, (
         f"{msg}: max abs difference {worst:.3g} exceeds {rel:g} x the largest entry {scale:.3g}")

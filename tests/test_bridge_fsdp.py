@@ -157,8 +157,8 @@ def test_sharded_stage2_equals_one_process_and_resumes(encoder, kind, tmp_path):
     assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (checkpoint / "sharded").iterdir()}
     reference, sharded = _final(one), _final(two)
     assert set(sharded) == set(reference) and any("layers.1.mlp" in n for n in sharded)
-    for name, weight in reference.items():
-        assert_close_scaled(sharded[name], weight, msg=name)
+    for name, weight in reference.items():  # biases start at 0: scaled as the weights are (init_std 0.1)
+        assert_close_scaled(sharded[name], weight, msg=name, floor=0.1)
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-4)
     projector = "model.multi_modal_projector.linear_1.weight"
     assert not torch.equal(reference[projector], _stage1_projector(one)[projector])  # stage 2 trained it
@@ -182,7 +182,7 @@ def test_sharded_stage2_equals_one_process_and_resumes(encoder, kind, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     train(encoder, kind, str(alone))
     for name, weight in reference.items():
-        assert_close_scaled(_final(alone)[name], weight, msg=name)
+        assert_close_scaled(_final(alone)[name], weight, msg=name, floor=0.1)
 
 
 @pytest.mark.slow  # a 2-process torchrun
@@ -212,7 +212,7 @@ def test_ddp_stage2_equals_one_process(encoder, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (two / "stage2" / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors").is_file()  # whole, rank 0
     for name, weight in _final(one).items():
-        assert_close_scaled(_final(two)[name], weight, msg=name)
+        assert_close_scaled(_final(two)[name], weight, msg=name, floor=0.1)
 
 
 def test_fsdp_is_a_stage2_key_and_not_with_lora():

@@ -84,7 +84,8 @@ def bench_parser(prog: str, doc: str, out: str, unit: str) -> ArgumentParser:
     return parser
 
 
-def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progress: bool = True) -> list[dict]:
+def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progress: bool = True,
+            precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
     import torch
 
     from bridge.assemble import trainable_groups
@@ -100,7 +101,7 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
     batches = {1: collate([data1[i] for i in range(batch)]), 2: collate([data2[i] for i in range(batch)])}
     loss_fn = AnswerLoss()
     model.train()
-    times: dict[tuple[int, bool], list[float]] = {(s, b): [] for s in (1, 2) for b in (False, True)}
+    times: dict[tuple[int, bool], list[float]] = {(s, p == "bf16"): [] for s in (1, 2) for p in precisions}
     optimizers = {}  # one per stage, kept across rounds: its state is allocated in the warm-up round, not timed
     for r in range(repeats + 1):  # round 0 warms up every variant
         for stage, bf16 in times:
@@ -129,8 +130,8 @@ def measure(encoder: str, llm: str, batch: int, steps: int, repeats: int, progre
                      "tflop": flops[stage] / 1e12, "tflops": achieved, "matmul_tflops": limit,
                      "of_matmul": achieved / limit})
     for row in rows:
-        fp32 = next(x for x in rows if x["stage"] == row["stage"] and x["precision"] == "fp32")
-        row["ratio_to_fp32"] = row["median_s"] / fp32["median_s"]
+        fp32 = next((x for x in rows if x["stage"] == row["stage"] and x["precision"] == "fp32"), None)
+        row["ratio_to_fp32"] = row["median_s"] / fp32["median_s"] if fp32 else float("nan")
     return rows
 
 
@@ -150,7 +151,10 @@ def table(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bench_parser("ov2 bench bridge", __doc__, "bridge_step_cpu", "variant").parse_args(argv)
+    parser = bench_parser("ov2 bench bridge", __doc__, "bridge_step_cpu", "variant")
+    parser.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
+                        help="which precisions to time (default both; on an AVX2-only CPU a bf16 step is ~30x slower)")
+    args = parser.parse_args(argv)
     out = Path(args.out)
     prog = "ov2 bench bridge"
     if min(args.batch, args.steps, args.repeats) < 1:
@@ -164,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     from ov2.config import ConfigError
 
     try:
-        rows = measure(args.encoder, args.llm, args.batch, args.steps, args.repeats)
+        rows = measure(args.encoder, args.llm, args.batch, args.steps, args.repeats,
+                       precisions=("fp32", "bf16") if args.precision == "both" else (args.precision,))
     except (ConfigError, FileNotFoundError) as err:
         return fail(prog, err)
     meta = {"encoder": args.encoder, "llm": args.llm, "batch": args.batch, "flags": cpu_flags(),

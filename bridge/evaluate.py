@@ -86,21 +86,18 @@ def caption_loss(model, collate, data, n: int = 64, batch_size: int = 8, progres
     one; no benchmark is needed to tell (`ov2 run` puts it in results.csv beside the blind control's)."""
     from torch.nn.functional import cross_entropy
 
-    from bridge.processor import IGNORE
+    from bridge.loss import answer_positions
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    weight = next(model.parameters())
     per_caption = []
     for start in tqdm(range(0, n, batch_size), desc="caption loss", leave=False, disable=not progress):
         batch = collate([data[i] for i in range(start, min(n, start + batch_size))])
-        pixels = batch["pixel_values"]
-        hidden = model.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                             pixel_values=None if pixels is None else pixels.to(device, next(model.parameters()).dtype),
-                             use_cache=False).last_hidden_state[:, :-1]
-        target = batch["labels"][:, 1:].to(device)
-        keep = target != IGNORE
-        losses = cross_entropy(model.lm_head(hidden[keep]).float(), target[keep], reduction="none")
+        batch = {k: v.to(weight.device, weight.dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        hidden, target, keep = answer_positions(model, batch)
+        losses = cross_entropy(model.lm_head(hidden).float(), target, reduction="none")
         per_caption += [float(x.mean()) for x in losses.split(keep.sum(1).tolist()) if len(x)]
     model.train(was_training)
     mean = sum(per_caption) / len(per_caption)

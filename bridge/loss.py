@@ -22,20 +22,21 @@ class AnswerLoss(nn.Module):
     def forward(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from encoder.kernels import linear_cross_entropy
 
-        out = model.model(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch["attention_mask"],
-            use_cache=False,
-        )
-        hidden = out.last_hidden_state[:, :-1]
-        target = batch["labels"][:, 1:]
-        keep = target != IGNORE
-        loss = linear_cross_entropy(hidden[keep], model.lm_head.weight, target[keep], bias=model.lm_head.bias,
-                                    impl=self.impl)
+        hidden, target, keep = answer_positions(model, batch)
+        loss = linear_cross_entropy(hidden, model.lm_head.weight, target, bias=model.lm_head.bias, impl=self.impl)
         if batch["pixel_values"] is None:
             loss = loss + 0.0 * blank_image_features(model).sum()
         return {"lm_loss": loss, "tokens": keep.sum()}
+
+
+def answer_positions(model, batch: dict[str, torch.Tensor]):
+    """(final hidden states [K, D] at the K positions that predict an answer token, their targets [K], the mask
+    keep [B, T-1] that picked them): the next-token shift, here and only here."""
+    out = model.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                      attention_mask=batch["attention_mask"], use_cache=False)
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE
+    return out.last_hidden_state[:, :-1][keep], target[keep], keep
 
 
 def blank_image_features(model) -> torch.Tensor:
